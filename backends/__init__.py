@@ -1,0 +1,1 @@
+"""Backends: lower the quantized IR to what a runtime executes fastest."""

@@ -1,0 +1,1 @@
+"""ONNX Runtime backend: integer-kernel lowering and the artifact runtime."""

@@ -1,0 +1,171 @@
+"""The ``lowbit`` command line: compile, run, inspect, passes.
+
+Errors a user can fix print one line naming the cause and exit with status 2;
+``--verbose`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from lowbit.compiler.errors import LowbitError
+
+
+def _percent(text: str) -> float:
+    text = text.strip()
+    try:
+        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction or a percentage, got {text!r}") from None
+
+
+def _setting(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected PASS.OPTION=VALUE, got {text!r}")
+    try:
+        import tomllib
+
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except Exception:
+        value = raw  # a bare word is a string
+    return key.strip(), value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowbit", description="Quantization compiler for transformer models.")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log every step; tracebacks on errors")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars, only the result")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="compile a model into an artifact folder")
+    c.add_argument("model", help=".onnx file, Hugging Face checkpoint folder, or llama2.c .bin")
+    c.add_argument("-o", "--output", required=True, help="artifact folder (written atomically)")
+    c.add_argument("--recipe", default="w8a8", help="built-in recipe name or recipe .toml file (default w8a8)")
+    c.add_argument("--calib-data", help="UTF-8 text file for calibration (default: built-in text)")
+    c.add_argument("--eval-data", help="UTF-8 text file for evaluation (default: held-out part of the calibration text)")
+    c.add_argument("--tokenizer", help="tokenizer file or folder, when the model has none beside it")
+    c.add_argument("--dump-ir", metavar="DIR", help="write the IR after every pass (NNN_<Pass>.onnx + .txt)")
+    c.add_argument("--override", action="append", default=[], metavar="GLOB=PRECISION",
+                   help="pin layers, e.g. 'model.layers.*.mlp.down_proj=fp32' (repeatable)")
+    c.add_argument("--set", action="append", default=[], type=_setting, metavar="PASS.OPTION=VALUE",
+                   help="change a recipe option, e.g. plan.activations=static (repeatable)")
+    c.add_argument("--max-drop", type=_percent, help="fail if perplexity rises (or cosine falls) by more, e.g. 1%%")
+    c.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads for evaluation and timing (default 2)")
+    c.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+
+    r = sub.add_parser("run", help="run an artifact: generate text, or run inputs from an .npz")
+    r.add_argument("artifact")
+    g = r.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", help="text to continue (language models)")
+    g.add_argument("--inputs", help=".npz file of input arrays by input name")
+    r.add_argument("--max-new-tokens", type=int, default=32)
+    r.add_argument("--output", help="with --inputs: write outputs to this .npz")
+    r.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default: ORT's choice)")
+
+    i = sub.add_parser("inspect", help="show an artifact's manifest as tables")
+    i.add_argument("artifact")
+    i.add_argument("--json", action="store_true", help="print the manifest JSON")
+
+    sub.add_parser("passes", help="list registered passes and their options")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    from lowbit.compiler.progress import set_quiet
+
+    set_quiet(args.quiet)
+    try:
+        return COMMANDS[args.command](args)
+    except LowbitError as e:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def cmd_compile(args) -> int:
+    from lowbit.compiler.driver import compile
+
+    result = compile(
+        args.model,
+        args.output,
+        recipe=args.recipe,
+        calib_data=args.calib_data,
+        eval_data=args.eval_data,
+        tokenizer=args.tokenizer,
+        dump_ir=args.dump_ir,
+        overrides=args.override,
+        settings=dict(args.set),
+        max_drop=args.max_drop,
+        threads=args.threads,
+        measure_latency=not args.no_latency,
+        progress=not args.quiet,
+    )
+    print((result.path / "summary.txt").read_text(), end="")
+    if not args.quiet:
+        print(f"artifact: {result.path}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from lowbit.backends.ort.runtime import Artifact
+
+    art = Artifact(args.artifact, threads=args.threads or None)
+    if args.prompt is not None:
+        print(art.generate(args.prompt, max_new_tokens=args.max_new_tokens))
+        return 0
+    import numpy as np
+
+    outputs = art.run_npz(args.inputs)
+    if args.output:
+        np.savez(args.output, **outputs)
+    for name, arr in outputs.items():
+        print(f"{name}: shape {list(arr.shape)} dtype {arr.dtype}\n{arr}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from lowbit.compiler.artifact import load_manifest
+    from lowbit.compiler.inspect import render
+
+    manifest = load_manifest(args.artifact)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+    else:
+        render(manifest)
+    return 0
+
+
+def cmd_passes(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from lowbit.compiler.registry import all_passes, pass_options
+
+    table = Table(title="lowbit passes", show_lines=True)
+    for col in ("name", "class", "what it does", "options"):
+        table.add_column(col)
+    for name, cls in sorted(all_passes().items()):
+        doc = (cls.__doc__ or "").strip().splitlines()
+        opts = "\n".join(f"{o.name}: {o.type} = {o.default!r}" + (f" — {o.help}" if o.help else "") for o in pass_options(cls))
+        table.add_row(name, f"{cls.__module__}.{cls.__qualname__}", doc[0] if doc else "", opts)
+    Console().print(table)
+    return 0
+
+
+COMMANDS = {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "passes": cmd_passes}
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,136 @@
+"""Recipes: named pipelines as TOML files.
+
+A recipe is a file a user can copy and edit::
+
+    name = "w8a8"
+    description = "int8 weights and activations"
+
+    [calibration]          # how much data the calibrate pass sees
+    samples = 32
+    seq_len = 128
+
+    [evaluation]           # held-out data the artifact is measured on
+    samples = 16
+    seq_len = 128
+
+    [[passes]]
+    pass = "canonicalize"
+
+    [[passes]]
+    pass = "plan"          # registry name, entry point, or "pkg.mod:Class"
+    activations = "dynamic"
+
+Every key besides ``pass`` is an option of that pass. ``resolved()`` gives
+the recipe with every option filled in (defaults included), which the
+manifest records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from lowbit.compiler.errors import InputError
+from lowbit.compiler.registry import instantiate, pass_options, resolve_pass
+
+DEFAULT_CALIBRATION = {"samples": 32, "seq_len": 128}
+DEFAULT_EVALUATION = {"samples": 16, "seq_len": 128}
+
+
+@dataclasses.dataclass
+class PassSpec:
+    name: str
+    options: dict[str, Any]
+
+
+@dataclasses.dataclass
+class Recipe:
+    name: str
+    description: str
+    passes: list[PassSpec]
+    calibration: dict[str, Any]
+    evaluation: dict[str, Any]
+    source: str = ""
+
+    def build(self) -> list:
+        """Instantiate the passes (validates every option name and value)."""
+        return [instantiate(p.name, p.options) for p in self.passes]
+
+    def set_option(self, key: str, value: Any) -> None:
+        """Apply ``PASS.OPTION=value`` (or ``calibration.samples=...``) from the command line."""
+        head, _, opt = key.partition(".")
+        if not opt:
+            raise InputError(f"--set {key}: expected PASS.OPTION=VALUE")
+        if head in ("calibration", "evaluation"):
+            getattr(self, head)[opt] = value
+            return
+        matches = [p for p in self.passes if p.name == head]
+        if not matches:
+            raise InputError(f"--set {key}: recipe {self.name!r} has no pass {head!r}")
+        for p in matches:
+            p.options[opt] = value
+
+    def resolved(self) -> dict[str, Any]:
+        """The recipe with every pass option, defaults included."""
+        passes = []
+        for spec in self.passes:
+            opts = {o.name: o.default for o in pass_options(resolve_pass(spec.name))}
+            opts.update(spec.options)
+            passes.append({"pass": spec.name, **opts})
+        return {
+            "name": self.name,
+            "description": self.description,
+            "source": self.source,
+            "calibration": self.calibration,
+            "evaluation": self.evaluation,
+            "passes": passes,
+        }
+
+
+def builtin_recipes() -> dict[str, Path]:
+    folder = resources.files("lowbit.compiler") / "recipes"
+    return {Path(str(f)).stem: Path(str(f)) for f in folder.iterdir() if str(f).endswith(".toml")}
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A built-in recipe by name, or a recipe file by path."""
+    path = Path(name_or_path)
+    builtins = builtin_recipes()
+    if str(name_or_path) in builtins:
+        path = builtins[str(name_or_path)]
+    elif not path.is_file():
+        raise InputError(
+            f"no recipe {str(name_or_path)!r}: not a built-in ({', '.join(sorted(builtins))}) and not a file"
+        )
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"recipe {path}: not valid TOML: {e}") from e
+    return parse_recipe(data, source=str(path))
+
+
+def parse_recipe(data: dict[str, Any], *, source: str = "") -> Recipe:
+    entries = data.get("passes")
+    if not isinstance(entries, list) or not entries:
+        raise InputError(f"recipe {source or data.get('name', '?')}: needs a non-empty [[passes]] list")
+    passes = []
+    for i, entry in enumerate(entries):
+        entry = dict(entry)
+        name = entry.pop("pass", None)
+        if not isinstance(name, str):
+            raise InputError(f"recipe {source}: [[passes]] entry {i} has no 'pass' name")
+        passes.append(PassSpec(name, entry))
+    unknown = set(data) - {"name", "description", "passes", "calibration", "evaluation"}
+    if unknown:
+        raise InputError(f"recipe {source}: unknown top-level keys {sorted(unknown)}")
+    return Recipe(
+        name=data.get("name", Path(source).stem if source else "custom"),
+        description=data.get("description", ""),
+        passes=passes,
+        calibration={**DEFAULT_CALIBRATION, **data.get("calibration", {})},
+        evaluation={**DEFAULT_EVALUATION, **data.get("evaluation", {})},
+        source=source,
+    )

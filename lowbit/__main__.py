@@ -1,0 +1,3 @@
+from lowbit.compiler.cli import main
+
+raise SystemExit(main())

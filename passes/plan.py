@@ -1,0 +1,102 @@
+"""Plan a uniform precision for every linear, with reasoned exceptions.
+
+The planner is policy only: it decides, per linear layer, the precision,
+activation mode and weight algorithm, and writes the plan on the model; it
+rewrites nothing. Layers are kept in float when the recipe excludes them by
+pattern, or when calibration showed activation outliers beyond
+``max_outlier_ratio`` (max / median of the per-channel absmax of the layer's
+input): per-token int8 spends its 255 levels on the outlier channel and
+rounds the rest to a few levels.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import onnx_ir as ir
+
+from lowbit.compiler.errors import InputError
+from lowbit.compiler.passbase import LowbitPass
+from lowbit.compiler.plan import LayerPlan, Plan, read_plan, write_plan
+from lowbit.compiler.registry import register_pass
+from lowbit.passes.recognize import find_linears
+
+
+@register_pass
+class PlanUniformPass(LowbitPass):
+    """Write a plan giving every linear the same precision (metadata only).
+
+    In place. An existing plan on the model is kept for layers it names
+    (so a fed-back plan or an earlier planner wins), new layers are added.
+
+    Options:
+        precision: precision of every linear: "w8a8", "w8a16" or "fp32".
+        activations: "dynamic" (per-token scales at run time) or "static" (calibrated, per tensor).
+        weight_algorithm: "rtn" (absmax) or "mse" (clipping searched per channel).
+        exclude: glob patterns of layer names kept in fp32.
+        max_outlier_ratio: keep a layer in fp32 when its input's outlier ratio exceeds this (0: never).
+        keep_float_top: keep the N layers with the largest input outlier ratio in fp32 (0: none).
+        overrides: "GLOB=PRECISION" items applied last (the CLI's --override).
+    """
+
+    name = "plan"
+
+    def __init__(
+        self,
+        *,
+        precision: str = "w8a8",
+        activations: str = "dynamic",
+        weight_algorithm: str = "rtn",
+        exclude: list[str] | None = None,
+        max_outlier_ratio: float = 0.0,
+        keep_float_top: int = 0,
+        overrides: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        LayerPlan(precision=precision, activations=activations, weight_algorithm=weight_algorithm)  # validate
+        self.precision = precision
+        self.activations = activations
+        self.weight_algorithm = weight_algorithm
+        self.exclude = list(exclude or [])
+        self.max_outlier_ratio = max_outlier_ratio
+        self.keep_float_top = keep_float_top
+        self.overrides = list(overrides or [])
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        before = model.metadata_props.get("lowbit.plan")
+        linears, rejected = find_linears(model.graph)
+        if not linears:
+            reasons = "; ".join(f"{k}: {v}" for k, v in list(rejected.items())[:3])
+            raise InputError(
+                "the model has no quantizable linear layer (no MatMul/Gemm with a constant 2-D float weight)"
+                + (f" — {reasons}" if reasons else "")
+            )
+        plan = read_plan(model) or Plan()
+        plan.skipped.update(rejected)
+        stats = self.context.stats
+        ratios = {
+            lin.name: stats[lin.x.name].outlier_ratio() for lin in linears if lin.x.name in stats
+        }
+        top = set(sorted(ratios, key=ratios.get, reverse=True)[: self.keep_float_top])
+        for lin in linears:
+            if lin.name in plan.layers:
+                continue
+            precision, reason = self.precision, "uniform"
+            ratio = ratios.get(lin.name)
+            if any(fnmatch.fnmatchcase(lin.name, p) for p in self.exclude):
+                precision, reason = "fp32", "excluded by the recipe"
+            elif lin.name in top:
+                precision, reason = "fp32", f"among the {self.keep_float_top} largest input outlier ratios ({ratio:.0f})"
+            elif self.max_outlier_ratio and ratio is not None and ratio > self.max_outlier_ratio:
+                precision, reason = "fp32", f"input outlier ratio {ratio:.0f} > {self.max_outlier_ratio:g}"
+            plan.layers[lin.name] = LayerPlan(
+                precision=precision,
+                activations=self.activations,
+                weight_algorithm=self.weight_algorithm,
+                reason=reason,
+            )
+        if self.activations == "static" and not stats and self.precision == "w8a8":
+            raise InputError("static activation quantization needs a calibrate pass before the plan")
+        plan.apply_overrides(self.overrides)
+        write_plan(model, plan)
+        return ir.passes.PassResult(model, model.metadata_props.get("lowbit.plan") != before)

@@ -1,0 +1,38 @@
+import numpy as np
+import onnx
+import pytest
+
+from lowbit.compiler.errors import PassFailedError
+from lowbit.compiler.pipeline import DumpIR, PassLog, Verify, run_pipeline
+from lowbit.passes import CanonicalizePass, PlanUniformPass, QuantizeWeightsPass, RecognizeStructuresPass
+from tests.compiler.custom_passes import BreakGraphPass, InsertIdentityPass
+from tests.graphs import mlp
+
+
+def test_log_and_dump_after_every_pass(tmp_path):
+    log = PassLog()
+    passes = [CanonicalizePass(), RecognizeStructuresPass(), PlanUniformPass(), QuantizeWeightsPass()]
+    run_pipeline(mlp(), passes, instruments=[log, Verify(), DumpIR(tmp_path)])
+    assert [e["pass"] for e in log.entries] == [type(p).__name__ for p in passes]
+    assert log.entries[-1]["nodes_after"] == log.entries[-1]["nodes_before"] + 3  # three DequantizeLinear
+    assert log.entries[3]["options"]["static_percentile"] == 99.99
+    names = sorted(p.name for p in tmp_path.glob("*.onnx"))
+    assert names == ["000_Input.onnx", "001_CanonicalizePass.onnx", "002_RecognizeStructuresPass.onnx",
+                     "003_PlanUniformPass.onnx", "004_QuantizeWeightsPass.onnx"]
+    last = onnx.load(tmp_path / "004_QuantizeWeightsPass.onnx")
+    assert sum(n.op_type == "DequantizeLinear" for n in last.graph.node) == 3
+    assert "DequantizeLinear" in (tmp_path / "004_QuantizeWeightsPass.txt").read_text()
+
+
+def test_a_pass_that_breaks_the_graph_is_named():
+    with pytest.raises(PassFailedError, match=r"pass BreakGraphPass failed \(after CanonicalizePass, InsertIdentityPass\): the graph is invalid"):
+        run_pipeline(mlp(), [CanonicalizePass(), InsertIdentityPass(), BreakGraphPass()], instruments=[Verify()])
+
+
+def test_a_pass_that_raises_is_named():
+    class Boom(InsertIdentityPass):
+        def call(self, model):
+            raise RuntimeError("kaboom")
+
+    with pytest.raises(PassFailedError, match="pass Boom failed .*RuntimeError: kaboom"):
+        run_pipeline(mlp(), [Boom()])

@@ -1,0 +1,34 @@
+import pytest
+
+from lowbit.compiler.errors import InputError
+from lowbit.compiler.recipe import builtin_recipes, load_recipe
+
+
+def test_builtin_recipes_build_and_resolve():
+    assert {"w8a8", "w8a8-static"} <= set(builtin_recipes())
+    recipe = load_recipe("w8a8")
+    passes = recipe.build()
+    assert [p.name for p in passes] == ["canonicalize", "recognize", "calibrate", "plan", "quantize-weights", "lower-ort"]
+    resolved = recipe.resolved()
+    plan = next(p for p in resolved["passes"] if p["pass"] == "plan")
+    assert plan["activations"] == "dynamic" and plan["keep_float_top"] == 0  # defaults filled in
+    assert resolved["calibration"]["samples"] == 32
+
+
+def test_set_option_and_errors(tmp_path):
+    recipe = load_recipe("w8a8")
+    recipe.set_option("plan.activations", "static")
+    recipe.set_option("calibration.samples", 4)
+    assert recipe.build()[3].activations == "static" and recipe.calibration["samples"] == 4
+    with pytest.raises(InputError, match="has no pass 'smooth'"):
+        recipe.set_option("smooth.alpha", 0.5)
+    with pytest.raises(InputError, match="no recipe 'w3a3'"):
+        load_recipe("w3a3")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = \n")
+    with pytest.raises(InputError, match="not valid TOML"):
+        load_recipe(bad)
+    empty = tmp_path / "empty.toml"
+    empty.write_text('name = "x"\n')
+    with pytest.raises(InputError, match="non-empty \\[\\[passes\\]\\]"):
+        load_recipe(empty)
