@@ -76,6 +76,7 @@ class Layer:
     x_scale_s8: float  # static, symmetric int8 (calibrated)
     y_scale_u8: float  # static output quantization (QLinearMatMul only)
     y_zp_u8: int
+    bias: np.ndarray  # fp32 [N], used by variants with bias=True
 
 
 def calibrate(calib_x: np.ndarray, w: np.ndarray) -> tuple[float, int, float, float, int]:
@@ -131,13 +132,25 @@ def _blocked_q_sym(b: NodeBuilder, x: ir.Value, s: ir.Value, k: int) -> ir.Value
     return b.op("QuantizeLinear", [x, s, zp], {"axis": -1, "block_size": k})
 
 
-def p_tok_sym_ql_ms(b: NodeBuilder, x: ir.Value, L: Layer, cache: dict) -> ir.Value:
-    """Per-token symmetric, blocked QuantizeLinear + com.microsoft MatMulIntegerToFloat."""
+def _fusable_tail(b: NodeBuilder, q: ir.Value, s: ir.Value, L: Layer, zp: ir.Value | None) -> ir.Value:
+    """Standard ONNX MatMulInteger -> Cast -> Mul(Mul(s, w_scale)); ORT fuses it into
+    com.microsoft.MatMulIntegerToFloat."""
+    acc = b.op("MatMulInteger", [q, b.const("w_q", L.w_q)] + ([zp] if zp is not None else []))
+    accf = b.op("Cast", [acc], {"to": int(FLOAT)})
+    return b.op("Mul", [accf, b.op("Mul", [s, b.const("w_scale", L.w_scale)])])
+
+
+def p_tok_sym_onnx(b: NodeBuilder, x: ir.Value, L: Layer, cache: dict) -> ir.Value:
+    """Per-token symmetric, blocked QuantizeLinear + standard MatMulInteger+Cast+Mul."""
     s = _row_absmax_scale(b, x)
     q = _blocked_q_sym(b, x, s, L.w.shape[0])
-    return b.op("MatMulIntegerToFloat",
-                [q, b.const("w_q", L.w_q), s, b.const("w_scale", L.w_scale), b.const("zp", _u8(128))],
-                domain=qlinear.MS_DOMAIN)
+    return _fusable_tail(b, q, s, L, b.const("zp", _u8(128)))
+
+
+def p_tok_sym_onnx_bias(b: NodeBuilder, x: ir.Value, L: Layer, cache: dict) -> ir.Value:
+    """As p_tok_sym_onnx followed by the linear's bias Add: ORT fuses the Add into
+    MatMulIntegerToFloat and scales the bias by the per-row scale (wrong numbers)."""
+    return b.op("Add", [p_tok_sym_onnx(b, x, L, cache), b.const("bias", L.bias)])
 
 
 def p_tok_sym_s8(b: NodeBuilder, x: ir.Value, L: Layer, cache: dict) -> ir.Value:
@@ -182,6 +195,17 @@ def p_tok_asym_ew_f(b: NodeBuilder, x: ir.Value, L: Layer, cache: dict) -> ir.Va
     acc = b.op("MatMulInteger", [q, b.const("w_q", L.w_q)])
     accf = b.op("Cast", [acc], {"to": int(FLOAT)})
     y1 = b.op("Mul", [accf, b.op("Mul", [s, b.const("w_scale", L.w_scale)])])
+    cs_ws = (L.w_q.astype(np.float64).sum(0) * L.w_scale).astype(np.float32)
+    corr = b.op("Mul", [b.op("Mul", [s, zpf]), b.const("colsum_w_scale", cs_ws)])
+    return b.op("Sub", [y1, corr])
+
+
+def p_tok_asym_onnx(b: NodeBuilder, x: ir.Value, L: Layer, cache: dict) -> ir.Value:
+    """Per-token asymmetric, blocked QuantizeLinear + standard MatMulInteger+Cast+Mul, float
+    correction."""
+    s, zpf, zp = _asym_params(b, x)
+    q = b.op("QuantizeLinear", [x, s, zp], {"axis": -1, "block_size": L.w.shape[0]})
+    y1 = _fusable_tail(b, q, s, L, None)
     cs_ws = (L.w_q.astype(np.float64).sum(0) * L.w_scale).astype(np.float32)
     corr = b.op("Mul", [b.op("Mul", [s, zpf]), b.const("colsum_w_scale", cs_ws)])
     return b.op("Sub", [y1, corr])
@@ -256,6 +280,11 @@ def p_emit_tok_sym_op18(b: NodeBuilder, x: ir.Value, L: Layer, cache: dict) -> i
                                                  opset=18)
 
 
+def p_emit_tok_sym_bias(b: NodeBuilder, x: ir.Value, L: Layer, cache: dict) -> ir.Value:
+    return qlinear.emit_dynamic_per_token_linear(b.target, x, L.w_q, L.w_scale, bias=L.bias, name=b.name,
+                                                 symmetric=True)
+
+
 def p_emit_tok_asym(b: NodeBuilder, x: ir.Value, L: Layer, cache: dict) -> ir.Value:
     return qlinear.emit_dynamic_per_token_linear(b.target, x, L.w_q, L.w_scale, name=b.name)
 
@@ -276,6 +305,7 @@ class Variant:
     fn: Callable[[NodeBuilder, ir.Value, Layer, dict], ir.Value]
     desc: str
     share_input: int = 1  # >1: groups of linears share one quantized input (like Q/K/V)
+    bias: bool = False  # the pattern adds Layer.bias (the reference does too)
 
 
 def variants() -> list[Variant]:
@@ -285,20 +315,23 @@ def variants() -> list[Variant]:
         # A. dynamic per-tensor
         Variant("*dyn_tensor", "A", p_emit_dyn_tensor,
                 "emit_dynamic_per_tensor_linear: DynamicQuantizeLinear+MatMulInteger+Cast+Mul (quantize_dynamic form)"),
-        Variant("dyn_tensor_ms", "A", p_dyn_tensor_ms, "com.microsoft DynamicQuantizeMatMul written directly"),
-        # B. dynamic per-token
         Variant("*tok_asym", "B", p_emit_tok_asym,
-                "emit_dynamic_per_token_linear: asym, blocked QuantizeLinear, MatMulInteger+Cast+Mul, float correction"),
-        Variant("*tok_asym_op18", "B", p_emit_tok_asym_op18,
-                "emit_dynamic_per_token_linear(opset=18): asym, [M,K] reshape + per-axis QuantizeLinear"),
-        Variant("tok_asym_ew", "B", p_tok_asym_ew_f, "asym, Div/Round/Add/Clip/Cast quantization, float correction"),
+                "emit_dynamic_per_token_linear: asym, blocked QuantizeLinear, MatMulIntegerToFloat, float correction"),
         Variant("tok_asym_int", "B", p_tok_asym_ql_int, "asym, blocked QuantizeLinear, int32 correction before Cast"),
+        Variant("tok_asym_onnx", "B", p_tok_asym_onnx,
+                "asym, blocked QuantizeLinear, standard MatMulInteger+Cast+Mul (ORT fuses), float correction"),
         Variant("*tok_sym", "B", p_emit_tok_sym,
-                "emit_dynamic_per_token_linear(symmetric): blocked QuantizeLinear, MatMulInteger(zp=128)+Cast+Mul"),
+                "emit_dynamic_per_token_linear(symmetric): blocked QuantizeLinear + MatMulIntegerToFloat(zp=128)"),
         Variant("*tok_sym_op18", "B", p_emit_tok_sym_op18,
                 "emit_dynamic_per_token_linear(symmetric, opset=18): [M,K] reshape + per-axis QuantizeLinear"),
+        Variant("*tok_sym+bias", "B", p_emit_tok_sym_bias, "emit_dynamic_per_token_linear(symmetric, bias)",
+                bias=True),
+        Variant("tok_sym_onnx", "B", p_tok_sym_onnx,
+                "sym, blocked QuantizeLinear, standard MatMulInteger(zp=128)+Cast+Mul (ORT fuses)"),
+        Variant("tok_sym_onnx+bias", "B", p_tok_sym_onnx_bias,
+                "tok_sym_onnx + Add(bias): ORT fuses the Add and scales the bias by the row scale (wrong)",
+                bias=True),
         Variant("tok_sym_ew", "B", p_tok_sym_ew, "sym, Div/Round/Add/Cast quantization, MatMulInteger(zp=128)+Cast+Mul"),
-        Variant("tok_sym_ms", "B", p_tok_sym_ql_ms, "sym, blocked QuantizeLinear + com.microsoft MatMulIntegerToFloat"),
         Variant("tok_sym_s8", "B", p_tok_sym_s8, "sym, int8 activations (no zero point), MatMulInteger S8S8"),
         # C. static per-tensor
         Variant("*static", "C", p_emit_static, "emit_static_linear: QuantizeLinear(u8)+com.microsoft MatMulIntegerToFloat"),
@@ -416,7 +449,8 @@ def run_config(k: int, n: int, t: int, vs: Sequence[Variant], threads: int, roun
         w_q, w_scale = qlinear.quantize_weight_per_channel(w)
         calib = realistic_activations(rng, 256, k, outliers)
         s_u8, zp_u8, s_s8, ys, yzp = calibrate(calib, w)
-        layers.append(Layer(w, w_q, w_scale, s_u8, zp_u8, s_s8, ys, yzp))
+        bias = (0.5 * rng.standard_normal(n)).astype(np.float32)
+        layers.append(Layer(w, w_q, w_scale, s_u8, zp_u8, s_s8, ys, yzp, bias))
     xs = [realistic_activations(rng, t, k, outliers) for _ in range(N_LINEARS)]
     refs = [x[0].astype(np.float64) @ L.w.astype(np.float64) for x, L in zip(xs, layers)]
     w8_only = [x[0].astype(np.float64) @ (L.w_q * L.w_scale).astype(np.float64) for x, L in zip(xs, layers)]
@@ -435,7 +469,8 @@ def run_config(k: int, n: int, t: int, vs: Sequence[Variant], threads: int, roun
                 else:
                     x_used = xs
                 out = sess.run(None, feeds)
-                grefs = [x[0].astype(np.float64) @ L.w.astype(np.float64) for x, L in zip(x_used, layers)]
+                grefs = [x[0].astype(np.float64) @ L.w.astype(np.float64) + (L.bias if v.bias else 0.0)
+                         for x, L in zip(x_used, layers)]
                 row["rel_err"] = rel_err([o.reshape(t, n) for o in out], grefs)
                 row["kernels"] = kernels_of(dump)
                 runs[v.name] = (lambda s=sess, f=feeds: s.run(None, f))
@@ -461,7 +496,8 @@ def run_config(k: int, n: int, t: int, vs: Sequence[Variant], threads: int, roun
 def to_markdown(rows: Sequence[dict], vs: Sequence[Variant]) -> str:
     configs = sorted({(r["K"], r["N"], r["T"]) for r in rows}, key=lambda c: (c[2], c[0], c[1]))
     head = "| variant | " + " | ".join(f"{k}x{n} T={t}" for k, n, t in configs) + " |"
-    lines = ["Speedup vs fp32 MatMul (higher is faster) / relative error vs fp32 output.", "",
+    lines = ["Speedup vs fp32 MatMul (higher is faster) / relative error ||y - y_fp32|| / ||y_fp32||.",
+             "Rows starting with `*` are built by the shipped emitters (lowbit.backends.ort.qlinear).", "",
              head, "|---|" + "---|" * len(configs)]
     names = [v.name for v in vs] + ["w8_only_numpy"]
     by = {(r["variant"], r["K"], r["N"], r["T"]): r for r in rows}

@@ -26,7 +26,7 @@ import onnx_ir as ir
 
 from lowbit.compiler import evaluate
 from lowbit.compiler.artifact import MODEL, ArtifactWriter
-from lowbit.compiler.data import split_text
+from lowbit.compiler.data import CALIB_FRACTION, split_text
 from lowbit.compiler.errors import AccuracyError, InputError
 from lowbit.compiler.frontend import load_source
 from lowbit.compiler.ortsession import make_session
@@ -156,6 +156,14 @@ def compile(  # noqa: A001 - the verb users expect
 
 def _prepare_data(model, adapter, recipe, calib_data, eval_data, example_inputs) -> dict[str, Any]:
     cal, ev = recipe.calibration, recipe.evaluation
+    if str(calib_data or "").endswith(".npz"):
+        feeds = load_npz_samples(calib_data)
+        if eval_data:
+            calib, evals = feeds, load_npz_samples(eval_data)
+        else:
+            cut = max(1, int(len(feeds) * CALIB_FRACTION))
+            calib, evals = feeds[:cut], feeds[cut:]
+        return _feeds_data(str(calib_data), calib, evals)
     if adapter is not None and adapter.tokenizer is not None:
         split = split_text(
             adapter.tokenizer,
@@ -174,17 +182,28 @@ def _prepare_data(model, adapter, recipe, calib_data, eval_data, example_inputs)
             "eval_tokens": sum(len(w) for w in split.evaluation),
         }
     if calib_data:
-        raise InputError("--calib-data needs a tokenizer: this model has none (give --tokenizer)")
+        raise InputError("text --calib-data needs a tokenizer and this model has none: give --tokenizer, or an .npz of inputs")
     feeds = _synthetic_feeds(model, example_inputs, int(cal["samples"]) + int(ev["samples"]))
     n_cal = int(cal["samples"])
-    return {
-        "source": "example inputs" if example_inputs else "synthetic (random inputs)",
-        "calibration": feeds[:n_cal],
-        "evaluation": feeds[n_cal:],
-        "eval_ids": None,
-        "calib_tokens": 0,
-        "eval_tokens": 0,
-    }
+    return _feeds_data("example inputs" if example_inputs else "synthetic (random inputs)", feeds[:n_cal], feeds[n_cal:])
+
+
+def _feeds_data(source: str, calib: list, evals: list) -> dict[str, Any]:
+    return {"source": source, "calibration": calib, "evaluation": evals, "eval_ids": None, "calib_tokens": 0, "eval_tokens": 0}
+
+
+def load_npz_samples(path: str | Path) -> list[dict[str, np.ndarray]]:
+    """An .npz of arrays ``[N, ...]`` by input name -> N feeds (each keeps a batch axis of 1)."""
+    try:
+        with np.load(path) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read input arrays {path}: {e}") from None
+    counts = {len(a) for a in arrays.values() if a.ndim}
+    if len(counts) != 1:
+        raise InputError(f"{path}: arrays must share their first (sample) dimension, got {sorted(counts)}")
+    n = counts.pop()
+    return [{k: a[i : i + 1] for k, a in arrays.items()} for i in range(n)]
 
 
 def _synthetic_feeds(model: ir.Model, example: dict[str, np.ndarray] | None, count: int) -> list[dict[str, np.ndarray]]:

@@ -9,6 +9,8 @@ What the exporter produces, and what this module adds so that later passes can
 treat every linear layer alike:
 
 - Default opset 21 (the first with blocked QuantizeLinear/DequantizeLinear).
+  Opset 23 exports too, with RMSNorm as one `RMSNormalization` node instead
+  of Pow/ReduceMean/Add/Sqrt/Reciprocal/Mul.
 - `nn.Linear` becomes `MatMul(x, W^T)` (+ `Add(bias)`); the exporter's
   optimizer folds `Transpose(W)` into a new initializer named "val_<n>" with
   `pkg.onnxscript.optimizer.folded_from` metadata, but only when W has one

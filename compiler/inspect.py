@@ -17,7 +17,10 @@ def _fmt(v: Any) -> str:
 
 
 def render(m: dict[str, Any], console: Console | None = None) -> None:
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped: do not squeeze tables into 80 columns
+            console = Console(width=160)
     model = m.get("model", {})
     console.print(f"[bold]{model.get('name')}[/] ({model.get('task')}) — recipe [bold]{m['recipe']['name']}[/], "
                   f"backend {m.get('backend')}, lowbit {m.get('lowbit')}")
@@ -59,7 +62,8 @@ def render(m: dict[str, Any], console: Console | None = None) -> None:
     layers = m.get("layers", {})
     acts = (m.get("calibration") or {}).get("activations", {})
     lt = Table(title="layers")
-    for col in ("layer", "precision", "activations", "weights", "weight scale (min/max)", "weight rel. error", "reason"):
+    lt.add_column("layer", overflow="fold")
+    for col in ("precision", "activations", "weights", "weight scale (min/max)", "weight rel. error", "reason"):
         lt.add_column(col)
     for name, lp in plan.items():
         info = layers.get(name, {})

@@ -20,4 +20,5 @@ def set_quiet(quiet: bool) -> None:
 def progress(items: Iterable[T], *, desc: str, enabled: bool = True, total: int | None = None) -> Iterable[T]:
     if _QUIET or not enabled:
         return items
-    return tqdm(items, desc=desc, total=total, leave=False, file=sys.stderr, dynamic_ncols=True)
+    # disable=None: bars only on a terminal, never in logs or pipes
+    return tqdm(items, desc=desc, total=total, leave=False, file=sys.stderr, dynamic_ncols=True, disable=None)

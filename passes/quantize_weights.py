@@ -67,14 +67,18 @@ class QuantizeWeightsPass(LowbitPass):
     Options:
         static_percentile: percentile of each sign's values kept by the static activation range.
         mse_grid: clipping ratios tried by the "mse" weight algorithm.
+        zero_channels: an all-zero output channel is "error" (often a broken checkpoint) or "keep" (quantized exactly to 0).
     """
 
     name = "quantize-weights"
 
-    def __init__(self, *, static_percentile: float = 99.99, mse_grid: int = 20) -> None:
+    def __init__(self, *, static_percentile: float = 99.99, mse_grid: int = 20, zero_channels: str = "error") -> None:
         super().__init__()
+        if zero_channels not in ("error", "keep"):
+            raise ValueError(f"zero_channels must be 'error' or 'keep', not {zero_channels!r}")
         self.static_percentile = static_percentile
         self.mse_grid = mse_grid
+        self.zero_channels = zero_channels
 
     def requires(self, model: ir.Model) -> None:
         if read_plan(model) is None:
@@ -93,8 +97,13 @@ class QuantizeWeightsPass(LowbitPass):
             w = lin.weight_array.astype(np.float32)
             if not np.isfinite(w).all():
                 raise InputError(f"layer {lin.name}: weight contains NaN or infinity")
+            zero = np.flatnonzero(np.abs(w).max(axis=0) == 0)
+            if zero.size and self.zero_channels == "error":
+                raise InputError(
+                    f"layer {lin.name}: {zero.size} output channel(s) of the weight are all zero (first: {zero[0]}); "
+                    "a broken checkpoint? To quantize them exactly to zero, --set quantize-weights.zero_channels=keep"
+                )
             w_q, scale = quantize_per_channel(w, lp.weight_bits, lp.weight_algorithm, self.mse_grid)
-            zero_channels = int((np.abs(w).max(axis=0) == 0).sum())
             wq_v = add_initializer(graph, f"{lin.name}.weight_q", w_q)
             s_v = add_initializer(graph, f"{lin.name}.weight_scale", scale)
             dq = self.tag(ir.node("DequantizeLinear", [wq_v, s_v], attributes={"axis": 1},
@@ -111,8 +120,8 @@ class QuantizeWeightsPass(LowbitPass):
                 "weight_scale": {"min": float(scale.min()), "max": float(scale.max()), "mean": float(scale.mean())},
                 "weight_rel_error": float(np.linalg.norm(w_q * scale - w) / max(np.linalg.norm(w), 1e-30)),
             }
-            if zero_channels:
-                entry["zero_channels"] = zero_channels
+            if zero.size:
+                entry["zero_channels"] = int(zero.size)
             if lp.activation_bits:
                 entry["activations"] = lp.activations
             if lp.activation_bits and lp.activations == "static":

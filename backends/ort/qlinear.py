@@ -19,13 +19,18 @@ x86-64 with AVX512-VNNI, 2 threads, SmolLM2-135M shapes). What the measurements 
   MatMul: slower than fp32 by one to two orders of magnitude.
 * Dynamic per-token: ``QuantizeLinear`` with a runtime per-row scale in *blocked* form (opset
   21, ``axis=-1``, ``block_size=K``, scale shape ``[..., 1]``) quantizes in one pass and needs
-  no reshape; ``MatMulInteger -> Cast -> Mul(Mul(row_scale, w_scale))`` (+ ``Add(bias)``) is
-  fused by ORT's ``MatMulIntegerToFloatFusion`` into ``com.microsoft.MatMulIntegerToFloat``
-  (per-row A scale is applied by the kernel's output scaling). Standard ONNX, so the artifact
-  stays portable, and ORT runs the fused int8 kernel. ORT refuses a per-row
-  ``a_zero_point`` in both ``MatMulInteger`` and ``MatMulIntegerToFloat`` ("must be a scalar
-  or 1D tensor of size 1"), so the asymmetric variant runs MatMulInteger without zero point
-  and subtracts the exact rank-1 correction ``s_row * zp_row * (w_scale * colsum(W_q))``.
+  no reshape (elementwise Div/Round/Add/Cast was slower at T=128). The GEMM is
+  ``com.microsoft.MatMulIntegerToFloat(q, w_q, s_row[..., 1], w_scale[, zp=128])``: its
+  kernel applies ``w_scale`` in the GEMM output stage and the per-row scale in a broadcast
+  pass. ORT would produce the same node from standard ``MatMulInteger -> Cast ->
+  Mul(Mul(s_row, w_scale))`` (same speed), but that fusion also swallows a following
+  ``Add(bias)`` and the kernel then returns ``s_row * (acc * w_scale + bias)``: wrong. So
+  the fused node is written directly and a bias stays a separate ``Add``. ORT refuses a
+  per-row ``a_zero_point`` in both ``MatMulInteger`` and ``MatMulIntegerToFloat`` ("must be
+  a scalar or 1D tensor of size 1"), so the asymmetric variant runs the GEMM without zero
+  point and subtracts the exact rank-1 correction ``s_row * zp_row * (w_scale *
+  colsum(W_q))`` in float (an int32 correction before the Cast was slower: ORT's int32
+  elementwise ops are slow and the fusion is lost).
 * Static per-tensor: ``QuantizeLinear(x, s, zp:uint8) -> com.microsoft.MatMulIntegerToFloat``.
   That is the graph ORT itself produces from a uint8 QDQ pattern, emitted directly so that it
   cannot silently fall back to the per-run weight dequantization described above. The
@@ -34,9 +39,10 @@ x86-64 with AVX512-VNNI, 2 threads, SmolLM2-135M shapes). What the measurements 
 
 Opsets: blocked ``QuantizeLinear`` needs default-domain opset >= 21. On opset 18-20 graphs the
 per-token emitter falls back to a ``[M, K]`` reshape with per-axis ``QuantizeLinear``
-(opset >= 13; measured a few percent slower). ``com.microsoft`` ops need
+(opset >= 13; three extra Reshape nodes, a little slower at T=1). ``com.microsoft`` ops need
 ``opset_imports["com.microsoft"] = 1`` (see :func:`ensure_opset`); the emitters add it to
-the target graph when they use such an op.
+the target graph (or the tape's graph) when they use such an op; with a bare tape the caller
+adds it. The per-tensor emitter is standard ONNX (opset >= 11).
 """
 
 from __future__ import annotations
@@ -254,7 +260,8 @@ def _f32(v: float | np.ndarray) -> np.ndarray:
 def _scaled_output(b: NodeBuilder, acc: ir.Value, a_scale: ir.Value, w_scale: np.ndarray,
                    bias: np.ndarray | None) -> ir.Value:
     """``Cast(acc) * Mul(a_scale, w_scale) [+ bias]``: the exact shape of ORT's
-    MatMulIntegerToFloatFusion (MatMulInteger -> Cast -> Mul <- Mul, then Add(const bias))."""
+    MatMulIntegerToFloatFusion (MatMulInteger -> Cast -> Mul <- Mul, then Add(const bias)).
+    Only for a *scalar* a_scale (see :func:`emit_dynamic_per_token_linear` for why)."""
     accf = b.op("Cast", [acc], {"to": int(ir.DataType.FLOAT)}, out="acc_f32")
     scale = b.op("Mul", [a_scale, b.const("w_scale", _f32(w_scale))], out="out_scale")
     y = b.op("Mul", [accf, scale], out="y_nobias" if bias is not None else "y")
@@ -281,19 +288,32 @@ def emit_dynamic_per_token_linear(
 ) -> ir.Value:
     """``y = x @ (w_q * w_scale) [+ bias]`` with x quantized to uint8 per row at run time.
 
-    x: float32 ``[..., K]`` (2-D or 3-D; rows are all leading positions). Per row r:
+    x: float32 ``[..., K]`` (2-D or 3-D; a row is every leading position). Per row:
 
     * asymmetric (default): ``lo = min(min_k x, 0)``, ``hi = max(max_k x, 0)``,
       ``s = max((hi - lo) * f32(1/255), 1e-30)``, ``zp = rint(-lo / s)`` (in [0, 255]),
       ``q = clip(rint(x / s) + zp, 0, 255)``,
-      ``y = s * w_scale * (q @ w_q) - (s * zp) * (w_scale * colsum(w_q))``
+      ``y = s * w_scale * (q @ w_q) - (s * zp) * (w_scale * colsum(w_q)) [+ bias]``
     * symmetric: ``s = max(max_k |x| * f32(1/127), 1e-30)``, ``q = rint(x / s) + 128``,
-      ``y = s * w_scale * ((q - 128) @ w_q)`` (zero point 128 passed to MatMulInteger).
+      ``y = s * w_scale * ((q - 128) @ w_q) [+ bias]`` (scalar zero point 128 in the GEMM).
 
-    The int8 products are accumulated exactly in int32; only the float epilogue rounds.
-    Constants: ``{name}.w_q``, ``{name}.w_scale``, ``{name}.bias``, ``{name}.colsum_w_scale``
-    (asymmetric), small scalars. Needs default opset >= 13 (>= 21 uses one blocked
-    QuantizeLinear; ``opset`` overrides what is read from the target graph).
+    Graph: row statistics (Reduce*, a few [..., 1] ops), one ``QuantizeLinear`` (blocked,
+    opset >= 21; per-axis over a ``[M, K]`` reshape below 21), ``com.microsoft.
+    MatMulIntegerToFloat(q, w_q, s[..., 1], w_scale[, 128])``, then for asymmetric the
+    rank-1 correction (``Mul``, ``Sub``) and a separate ``Add`` for the bias. The int8
+    products accumulate exactly in int32; only the float epilogue rounds.
+
+    Why the contrib op is written directly rather than ``MatMulInteger -> Cast -> Mul``
+    (which ORT fuses into the same kernel at the same speed): ORT 1.32's fusion also
+    absorbs a following ``Add(y, const bias)`` into the kernel's bias input, and with a
+    per-row A scale the kernel adds that bias *before* its per-row scaling pass, returning
+    ``s_row * (acc * w_scale + bias)``. With the fused node emitted directly, no ``Add``
+    can be absorbed, whether it is ours or the model's own bias ``Add`` downstream.
+
+    Constants: ``{name}.w_q``, ``{name}.w_scale``, ``{name}.bias``,
+    ``{name}.colsum_w_scale`` (asymmetric; ``w_scale * colsum(w_q)`` in float32), small
+    scalars. Adds the ``com.microsoft`` opset import. ``opset`` overrides the default-domain
+    opset read from the target graph (it picks the quantization form).
     """
     k, n = _check_weight(w_q, w_scale, bias)
     _check_input(x, k)
@@ -320,14 +340,21 @@ def emit_dynamic_per_token_linear(
         zp = b.op("Cast", [zp_f], {"to": int(ir.DataType.UINT8)}, out="x_zero_point")
         mm_zp = None
     q = _quantize_rows(b, x, s, zp, k, opset)
-    w_q_v = b.const("w_q", np.asarray(w_q, np.int8))
-    acc = b.op("MatMulInteger", [q, w_q_v] + ([mm_zp] if mm_zp is not None else []), out="acc")
-    y = _scaled_output(b, acc, s, w_scale, bias)
+    # Per-row A scale [..., 1]: the kernel applies the per-column w_scale in the GEMM output
+    # stage and the row scale in a broadcast pass afterwards. No bias input (see above).
+    mm_inputs: list[ir.Value | None] = [q, b.const("w_q", np.asarray(w_q, np.int8)), s,
+                                        b.const("w_scale", _f32(w_scale))]
+    if mm_zp is not None:
+        mm_inputs.append(mm_zp)
+    y = b.op("MatMulIntegerToFloat", mm_inputs, domain=MS_DOMAIN,
+             out="y_nobias" if (bias is not None or not symmetric) else "y")
     if not symmetric:
         cs_ws = (np.asarray(w_q, np.int64).sum(axis=0) * np.asarray(w_scale, np.float64)).astype(np.float32)
         row = b.op("Mul", [s, zp_f], out="x_scale_zp")
         corr = b.op("Mul", [row, b.const("colsum_w_scale", cs_ws)], out="zp_correction")
-        y = b.op("Sub", [y, corr], out="y_corrected")
+        y = b.op("Sub", [y, corr], out="y_corrected" if bias is not None else "y")
+    if bias is not None:
+        y = b.op("Add", [y, b.const("bias", _f32(bias))], out="y")
     _annotate_output(y, x, n)
     b.commit()
     return y

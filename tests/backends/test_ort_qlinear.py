@@ -242,19 +242,41 @@ def test_asymmetric_zero_point_correction_is_applied():
     assert_exact(y, ref)
 
 
-def test_per_token_fuses_to_matmul_integer_to_float(tmp_path):
-    """The shipped pattern is only fast if ORT fuses it; catch an ORT that stops doing so."""
+def test_per_token_kernel_and_downstream_bias_add(tmp_path):
+    """ORT must run the int8 kernel (no MatMulInteger left), and neither our bias nor a
+    model's own bias Add after the linear may be absorbed into it: ORT 1.32 scales an
+    absorbed bias by the per-row activation scale."""
     rng = np.random.default_rng(8)
     _, w_q, w_scale = weights(rng)
+    bias = rng.standard_normal(N).astype(np.float32)
     for symmetric in (False, True):
-        model = build(lambda g, v: qlinear.emit_dynamic_per_token_linear(
-            g, v, w_q, w_scale, bias=np.ones(N, np.float32), name="lin", symmetric=symmetric),
-            ["batch", "seq", K])
+        def emit(g, v):
+            y = qlinear.emit_dynamic_per_token_linear(g, v, w_q, w_scale, bias=bias, name="lin",
+                                                      symmetric=symmetric)
+            z = ir.node("Add", [y, g.initializers.get("model_bias") or _init(g, "model_bias", bias)])
+            g.append(z)
+            z.outputs[0].type = ir.TensorType(FLOAT)
+            z.outputs[0].shape = y.shape
+            return z.outputs[0]
+
+        model = build(emit, ["batch", "seq", K])
         dump = tmp_path / f"opt_{symmetric}.onnx"
-        session(model, dump=dump)
-        ops = [n.op_type for n in onnx.load(str(dump)).graph.node]
+        x = activations(rng, (2, 5, K))
+        y = session(model, dump=dump).run(None, {"x": x})[0]
+        ref, *_ = ref_per_token(x, w_q, w_scale, bias, symmetric)
+        assert_exact(y, ref + bias)
+        nodes = onnx.load(str(dump)).graph.node
+        ops = [n.op_type for n in nodes]
         assert "MatMulIntegerToFloat" in ops and "MatMulInteger" not in ops, ops
-        assert "Add" not in ops  # bias folded into the fused kernel
+        fused = next(n for n in nodes if n.op_type == "MatMulIntegerToFloat")
+        assert len(fused.input) < 7 or not fused.input[6]
+
+
+def _init(graph, name, array):
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(FLOAT),
+                     const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
 
 
 # ---------------------------------------------------------------------------------------
@@ -361,6 +383,8 @@ def test_replaces_matmul_inside_existing_graph():
     mm = tape.op("MatMul", [h, w_init])
     out = tape.op("Add", [mm, tape.initializer(ir.tensor(np.ones(N, np.float32), name="b"))])
     out2 = tape.op("Neg", [x_in])  # a later node that does not depend on the linear
+    for v, last in ((out, N), (out2, K)):
+        v.type, v.shape = ir.TensorType(FLOAT), ir.Shape(["batch", "seq", last])
     graph = ir.Graph([x_in], [out, out2], nodes=tape.nodes, initializers=tape.initializers,
                      opset_imports={"": 21}, name="g")
     matmul_node = mm.producer()

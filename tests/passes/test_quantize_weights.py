@@ -84,3 +84,22 @@ def test_nan_weight_is_an_error():
     PlanUniformPass()(model)
     with pytest.raises(InputError, match="layer up: weight contains NaN"):
         QuantizeWeightsPass()(model)
+
+
+def test_all_zero_channel_is_an_error_unless_kept():
+    import onnx_ir as ir
+
+    model = mlp()
+    w = model.graph.initializers["w2"]
+    arr = w.const_value.numpy().copy()
+    arr[:, 3] = 0.0
+    w.const_value = ir.tensor(arr, name="w2")
+    PlanUniformPass()(model)
+    with pytest.raises(InputError, match=r"layer down: 1 output channel\(s\) of the weight are all zero \(first: 3\)"):
+        QuantizeWeightsPass()(model)
+    q = QuantizeWeightsPass(zero_channels="keep")
+    q(model)
+    assert q.context.notes["layers"]["down"]["zero_channels"] == 1
+    ref = run(mlp(), {"x": X})[0]  # channel 3 of "down" contributes 0 now; others stay close
+    out = run(model, {"x": X})[0]
+    assert np.isfinite(out).all()

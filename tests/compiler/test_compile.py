@@ -1,0 +1,201 @@
+"""End to end: compile real and small models, run, inspect, and fail cleanly on bad input."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+import lowbit
+from lowbit.compiler.artifact import verify_files
+from lowbit.compiler.cli import main
+from lowbit.compiler.evaluate import greedy
+from tests.compiler.test_registry import install_entry_point
+from tests.graphs import mlp
+
+LILY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
+
+
+@pytest.fixture(scope="module")
+def stories(shared_dir):
+    return shared_dir / "stories260K" / "stories260K.bin"
+
+
+@pytest.fixture(scope="module")
+def tinystories(shared_dir):
+    return shared_dir.parent / "data" / "tinystories.txt"
+
+
+@pytest.fixture(scope="module")
+def artifact(stories, tinystories, tmp_path_factory):
+    out = tmp_path_factory.mktemp("art") / "stories-w8a8"
+    code = main(["--quiet", "compile", str(stories), "-o", str(out), "--recipe", "w8a8", "--calib-data", str(tinystories)])
+    assert code == 0
+    return out
+
+
+def leftovers(parent, name):
+    return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.tmp-")]
+
+
+def test_stories_w8a8_keeps_accuracy_and_generation(artifact):
+    m = json.loads((artifact / "manifest.json").read_text())
+    acc = m["accuracy"]
+    assert acc["generation"]["matching_prefix"] == 32
+    assert acc["perplexity_increase"] < 0.005
+    assert acc["kl"] < 0.01 and acc["top1_agreement"] > 0.95
+    assert acc["tokens"] > 1000 and "tinystories" in acc["source"]
+    # every planned linear is int8, lowered to integer kernels
+    assert {lp["precision"] for lp in m["plan"]["layers"].values()} == {"w8a8"}
+    assert len(m["plan"]["layers"]) == 5 * 7 + 1
+    assert m["passes"][-1]["pass"] == "LowerToORTPass" and m["passes"][-1]["modified"]
+    assert m["calibration"]["samples"] == 32 and m["calibration"]["tokens"] == 32 * 128
+    assert m["inputs"][0] == {"name": "input_ids", "shape": ["batch", "seq"], "dtype": "INT64"}
+    assert {"onnx", "onnxruntime", "torch"} <= set(m["versions"])
+    assert m["size"]["ratio"] < 0.5
+    assert set(m["latency"]) >= {"T=1", "T=128"}
+    assert verify_files(artifact) == []
+    assert "greedy generation: 32/32 tokens match fp32" in (artifact / "summary.txt").read_text()
+
+
+def test_plain_onnxruntime_runs_the_artifact(artifact):
+    session = ort.InferenceSession(str(artifact / "model.onnx"), providers=["CPUExecutionProvider"])
+    graph = ir.load(artifact / "model.onnx").graph
+    integer = [n for n in graph if n.op_type in ("MatMulInteger", "MatMulIntegerToFloat")]
+    assert len(integer) == 36
+    # what stays float is attention (activation x activation), never a constant weight
+    assert all(n.inputs[1].const_value is None for n in graph if n.op_type == "MatMul")
+    from lowbit.models.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(artifact / "tokenizer")
+    assert tok.decode(greedy(session, [1], 24)).startswith(LILY[:60])
+
+
+def test_run_and_inspect_commands(artifact, capsys):
+    assert main(["run", str(artifact), "--prompt", "Once upon a time", "--max-new-tokens", "20"]) == 0
+    assert capsys.readouterr().out.startswith("Once upon a time, there was a little girl named Lily")
+    assert main(["inspect", str(artifact)]) == 0
+    out = capsys.readouterr().out
+    assert "perplexity_increase" in out and "LowerToORTPass" in out and "model.layers.0.mlp.down_proj" in out
+
+
+def test_custom_passes_from_a_recipe_file(stories, tinystories, tmp_path, monkeypatch):
+    (tmp_path / "site").mkdir()
+    install_entry_point(tmp_path / "site", monkeypatch)
+    recipe = tmp_path / "custom.toml"
+    recipe.write_text(textwrap.dedent("""
+        name = "custom"
+        [calibration]
+        samples = 4
+        [evaluation]
+        samples = 2
+        [[passes]]
+        pass = "canonicalize"
+        [[passes]]
+        pass = "plugin-identity"
+        label = "from_entry_point"
+        [[passes]]
+        pass = "tests.compiler.custom_passes:InsertIdentityPass"
+        label = "from_dotted_path"
+        [[passes]]
+        pass = "recognize"
+        [[passes]]
+        pass = "plan"
+        [[passes]]
+        pass = "quantize-weights"
+        [[passes]]
+        pass = "lower-ort"
+    """))
+    dump, out = tmp_path / "dump", tmp_path / "out"
+    assert main(["-q", "compile", str(stories), "-o", str(out), "--recipe", str(recipe), "--dump-ir", str(dump),
+                 "--calib-data", str(tinystories), "--no-latency"]) == 0
+    step2 = {n.name for n in ir.load(dump / "002_InsertIdentityPass.onnx").graph}
+    step3 = {n.name for n in ir.load(dump / "003_InsertIdentityPass.onnx").graph}
+    assert "from_entry_point" in step2 and "from_dotted_path" not in step2
+    assert {"from_entry_point", "from_dotted_path"} <= step3
+    assert (dump / "003_InsertIdentityPass.txt").read_text().count("Identity") >= 2
+    passes = [e["pass"] for e in json.loads((out / "manifest.json").read_text())["passes"]]
+    assert passes[1:3] == ["InsertIdentityPass", "InsertIdentityPass"]
+
+
+def _error(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("lowbit: error: ")
+    return err
+
+
+def test_a_pass_that_breaks_the_graph_fails_the_compile(stories, tmp_path, capsys):
+    recipe = tmp_path / "broken.toml"
+    recipe.write_text('[[passes]]\npass = "canonicalize"\n[[passes]]\npass = "tests.compiler.custom_passes:BreakGraphPass"\n')
+    out = tmp_path / "out"
+    err = _error(capsys, ["compile", str(stories), "-o", str(out), "--recipe", str(recipe)])
+    assert "pass BreakGraphPass failed (after CanonicalizePass): the graph is invalid" in err
+    assert not out.exists() and leftovers(tmp_path, "out") == []
+
+
+@pytest.fixture
+def mlp_onnx(tmp_path):
+    path = tmp_path / "mlp.onnx"
+    ir.save(mlp(), path)
+    return path
+
+
+def test_small_onnx_model_compiles_with_synthetic_data(mlp_onnx, tmp_path):
+    result = lowbit.compile(mlp_onnx, tmp_path / "out", measure_latency=False, progress=False)
+    assert result.accuracy["cosine_mean"] > 0.99
+    assert result.manifest["calibration"]["source"] == "synthetic (random inputs)"
+
+
+def test_bad_inputs_get_one_line_errors_and_leave_nothing(mlp_onnx, tmp_path, capsys):
+    out = tmp_path / "out"
+
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(mlp_onnx.read_bytes()[:300])
+    assert "truncated.onnx" in _error(capsys, ["compile", str(truncated), "-o", str(out)])
+
+    text = tmp_path / "notes.onnx"
+    text.write_text("these are my notes, not a model\n")
+    assert "notes.onnx" in _error(capsys, ["compile", str(text), "-o", str(out)])
+
+    relu = mlp()
+    for n in [n for n in relu.graph if n.op_type == "MatMul"]:
+        n.replace_input_with(1, ir.Value(name=f"{n.name}_w_in", shape=n.inputs[1].shape, type=n.inputs[1].type))
+        relu.graph.inputs.append(n.inputs[1])
+    ir.save(relu, tmp_path / "nolinear.onnx")
+    assert "no quantizable linear layer" in _error(capsys, ["compile", str(tmp_path / "nolinear.onnx"), "-o", str(out)])
+
+    x = np.random.default_rng(0).standard_normal((10, 4, 8)).astype(np.float32)
+    x[3, 1, 2] = np.nan
+    np.savez(tmp_path / "calib.npz", x=x)
+    err = _error(capsys, ["compile", str(mlp_onnx), "-o", str(out), "--calib-data", str(tmp_path / "calib.npz")])
+    assert "calibration batch 3: input 'x' contains NaN" in err
+
+    zero = mlp()
+    w = zero.graph.initializers["w1"]
+    arr = w.const_value.numpy().copy()
+    arr[:, 0] = 0
+    w.const_value = ir.tensor(arr, name="w1")
+    ir.save(zero, tmp_path / "zero.onnx")
+    assert "all zero" in _error(capsys, ["compile", str(tmp_path / "zero.onnx"), "-o", str(out)])
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert "cannot write output" in _error(capsys, ["compile", str(mlp_onnx), "-o", str(blocker / "out")])
+
+    assert not out.exists() and leftovers(tmp_path, "out") == []
+
+
+def test_nn_module_with_example_inputs(tmp_path):
+    import torch
+
+    module = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    x = np.random.default_rng(0).standard_normal((2, 16)).astype(np.float32)
+    result = lowbit.compile(module, tmp_path / "out", example_inputs={"x": x}, measure_latency=False, progress=False)
+    assert len(result.manifest["plan"]["layers"]) == 2
+    assert result.accuracy["cosine_mean"] > 0.999
