@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if not args.verbose:
+        _quiet_third_parties(progress_bars=not args.quiet)
     from lowbit.compiler.progress import set_quiet
 
     set_quiet(args.quiet)
@@ -93,6 +95,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lowbit: interrupted; nothing was written", file=sys.stderr)
         return 130
+
+
+def _quiet_third_parties(*, progress_bars: bool) -> None:
+    """Keep torch's exporter and transformers from flooding the terminal (``--verbose`` shows all)."""
+    import os
+    import warnings
+
+    for name in ("torch", "torch.onnx", "torch._dynamo", "torch.export", "transformers", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TORCH_LOGS", "-all")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    if not progress_bars:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["TQDM_DISABLE"] = "1"
 
 
 def cmd_compile(args) -> int:

@@ -63,8 +63,9 @@ class Norm:
 
 def layer_name(node: ir.Node, fallback: str | None = None) -> str:
     """The module path that produced ``node`` (e.g. ``model.layers.0.mlp.up_proj``)."""
-    if LAYER_KEY in node.metadata_props:
-        return node.metadata_props[LAYER_KEY]
+    for key in (LAYER_KEY, "lowbit.module"):  # set by lowbit's passes / by the frontend
+        if key in node.metadata_props:
+            return node.metadata_props[key]
     scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
     if scopes:
         try:

@@ -1,0 +1,711 @@
+"""int8 side by side: fp32 vs ONNX Runtime's own quantization tool vs lowbit w8a8, on real models.
+
+For each model (SmolLM2-135M, all-MiniLM-L6-v2 by default), in one process and one run:
+
+1. export the fp32 ONNX once with lowbit's frontend (torch dynamo exporter) — every method
+   starts from this same file;
+2. cut the default text (Python's ``pydoc_data.topics`` prose) into disjoint calibration and
+   held-out windows with ``lowbit.compiler.data.split_text`` — every method calibrates on the
+   same windows and is evaluated on the same held-out windows;
+3. quantize it three ways, timing each (wall):
+
+   * ``ort-dynamic``: ``onnxruntime.quantization.quantize_dynamic(per_channel=True,
+     weight_type=QInt8)`` (int8 weights, activations quantized at run time);
+   * ``ort-static-qdq``: ``quantize_static(quant_format=QDQ, per_channel=True)`` with ORT's
+     defaults otherwise (MinMax calibration, QInt8 activations and weights, every op type ORT
+     knows how to quantize), calibrated on the calibration windows;
+   * ``lowbit-w8a8``: ``lowbit.compile(fp32.onnx, recipe="w8a8")`` (the whole pipeline,
+     including its own calibration on the same default split and its built-in verification);
+
+4. measure every method against fp32 on the held-out windows: perplexity, relative
+   perplexity increase, KL(fp32 || method) and top-1 agreement for causal LMs; embedding
+   cosine similarity (mean, min) for encoders;
+5. time one forward pass (batch 1, T=1 and T=128, intra_op_num_threads=2) of all methods
+   interleaved round-robin (several rounds, the starting method rotating), reporting the
+   median of the rounds' medians and the speedup vs fp32;
+6. report model size on disk (model.onnx + external data) and the ratio vs fp32.
+
+Usage::
+
+    python benchmarks/compare_int8.py [--models smollm2-135m all-minilm-l6-v2] [--out benchmarks/out] [--quick]
+
+Writes ``<out>/compare_int8.json`` and ``<out>/compare_int8.md``, and replaces the section
+"## int8: lowbit w8a8 vs ONNX Runtime quantization" of ``benchmarks/RESULTS.md`` (other
+sections are kept); ``--quick`` (few samples and repeats, a smoke run) writes
+``compare_int8_quick.*`` and leaves RESULTS.md alone unless ``--results`` names a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import gc
+import importlib.metadata
+import io
+import json
+import logging
+import os
+import platform
+import re
+import shlex
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SECTION = "## int8: lowbit w8a8 vs ONNX Runtime quantization"
+METHODS = ["fp32", "ort-dynamic", "ort-static-qdq", "lowbit-w8a8"]
+DEFAULT_MODELS = ["smollm2-135m", "all-minilm-l6-v2"]
+SEQ_LEN = 128
+THREADS = 2
+PROTOBUF_LIMIT = 1_800_000_000  # above this, write the fp32 model with external data
+
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------
+def settings_for(quick: bool) -> dict[str, Any]:
+    if quick:
+        return {
+            "calib_samples": 4,
+            "eval_samples": 4,
+            "rounds": 2,
+            "repeats": {1: 3, 128: 2},  # runs per method per round, by T
+        }
+    return {"calib_samples": 32, "eval_samples": 16, "rounds": 7, "repeats": {1: 15, 128: 4}}
+
+
+# ---------------------------------------------------------------------------------------
+# Machine and versions
+# ---------------------------------------------------------------------------------------
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        fields: dict[str, str] = {}
+        for line in cpuinfo.splitlines():
+            if ":" in line:
+                k, v = (s.strip() for s in line.split(":", 1))
+                fields.setdefault(k, v)
+        model = fields.get("model name", platform.processor() or "unknown")
+        fam, mod = fields.get("cpu family"), fields.get("model")
+        info["cpu"] = f"{model} (family {fam}, model {mod})" if fam and mod else model
+        flags = set(fields.get("flags", "").split())
+        info["int8_isa"] = [f for f in ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    except OSError:
+        info["cpu"] = platform.processor() or "unknown"
+    try:
+        mem = Path("/proc/meminfo").read_text().split("\n")[0].split()[1]
+        info["memory_gb"] = round(int(mem) / 1024**2, 1)
+    except (OSError, IndexError, ValueError):
+        pass
+    return info
+
+
+def versions() -> dict[str, str | None]:
+    out = {}
+    for p in ("lowbit", "onnxruntime", "onnx", "onnx-ir", "onnxscript", "torch", "transformers", "numpy"):
+        try:
+            out[p] = importlib.metadata.version(p)
+        except importlib.metadata.PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------
+def onnx_disk_bytes(path: Path) -> int:
+    """Bytes on disk of an ONNX model: the .onnx file plus every external data file it names."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    files = {path.resolve()}
+    tensors = list(model.graph.initializer)
+    for node in model.graph.node:  # Constant nodes can hold external data too
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                tensors.append(attr.t)
+    for t in tensors:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = next((e.value for e in t.external_data if e.key == "location"), None)
+            if loc:
+                files.add((path.parent / loc).resolve())
+    return int(sum(f.stat().st_size for f in files if f.exists()))
+
+
+def op_counts(path: Path) -> dict[str, int]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return dict(collections.Counter(n.op_type for n in model.graph.node).most_common())
+
+
+def short_error(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:400] if text else ''}"
+
+
+class CaptureWarnings:
+    """Collect the distinct log warnings ORT's quantization tool emits (it logs on the root logger)."""
+
+    def __enter__(self) -> CaptureWarnings:
+        self.stream = io.StringIO()
+        self.handler = logging.StreamHandler(self.stream)
+        self.handler.setLevel(logging.WARNING)
+        logging.getLogger().addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger().removeHandler(self.handler)
+
+    @property
+    def messages(self) -> list[str]:
+        lines = [line.strip() for line in self.stream.getvalue().splitlines() if line.strip()]
+        return list(dict.fromkeys(lines))
+
+
+# ---------------------------------------------------------------------------------------
+# The methods
+# ---------------------------------------------------------------------------------------
+def export_fp32(name: str, folder: Path) -> tuple[Path, Any, float]:
+    import onnx_ir as ir
+
+    from lowbit.compiler.frontend import load_source
+
+    start = time.perf_counter()
+    model_ir, adapter = load_source(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.onnx"
+    weight_bytes = sum(v.const_value.nbytes for v in model_ir.graph.initializers.values() if v.const_value is not None)
+    if weight_bytes > PROTOBUF_LIMIT:
+        ir.save(model_ir, path, external_data="model.onnx.data")
+    else:
+        # One self-contained file: lowbit.compile on an .onnx input with external data writes an
+        # artifact that still points at the source's data file for the initializers it leaves
+        # untouched (e.g. MiniLM's embeddings), so keep the shared fp32 file inline.
+        ir.save(model_ir, path)
+    seconds = time.perf_counter() - start
+    del model_ir
+    # The torch module is not needed any more (the adapter keeps tokenizer and make_inputs).
+    adapter.module = None
+    adapter.hf_model = None
+    gc.collect()
+    return path, adapter, seconds
+
+
+class WindowReader:
+    """ORT CalibrationDataReader over a fixed list of feeds."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]):
+        self.feeds = feeds
+        self.index = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.index >= len(self.feeds):
+            return None
+        self.index += 1
+        return self.feeds[self.index - 1]
+
+    def rewind(self) -> None:
+        self.index = 0
+
+
+def big_model(fp32: Path) -> bool:
+    return onnx_disk_bytes(fp32) > PROTOBUF_LIMIT
+
+
+def ort_dynamic(fp32: Path, folder: Path, ctx: dict[str, Any]) -> dict[str, Any]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / "model.onnx"
+    with CaptureWarnings() as cap:
+        start = time.perf_counter()
+        quantize_dynamic(
+            str(fp32), str(out), per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=big_model(fp32)
+        )
+        seconds = time.perf_counter() - start
+    return {
+        "path": out,
+        "quantize_seconds": seconds,
+        "call": "quantize_dynamic(fp32, out, per_channel=True, weight_type=QuantType.QInt8)",
+        "preprocess": "not run (not required; see ort_warnings)" if cap.messages else "not run (not required)",
+        "ort_warnings": cap.messages,
+    }
+
+
+def ort_static(fp32: Path, folder: Path, ctx: dict[str, Any]) -> dict[str, Any]:
+    from onnxruntime.quantization import QuantFormat, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / "model.onnx"
+    ext = big_model(fp32)
+    info: dict[str, Any] = {
+        "path": out,
+        "call": "quantize_static(fp32, out, reader, quant_format=QuantFormat.QDQ, per_channel=True)",
+        "calibration_samples": len(ctx["calib_feeds"]),
+    }
+    with CaptureWarnings() as cap:
+        start = time.perf_counter()
+        try:
+            quantize_static(
+                str(fp32), str(out), WindowReader(ctx["calib_feeds"]),
+                quant_format=QuantFormat.QDQ, per_channel=True, use_external_data_format=ext,
+            )
+            info["preprocess"] = "not run (not required)"
+        except Exception as first:  # ORT refused the raw model: pre-process (its documented fix) and retry
+            log(f"  quantize_static failed without pre-processing ({short_error(first)}); running quant_pre_process")
+            pre = folder / "preprocessed.onnx"
+            quant_pre_process(str(fp32), str(pre), save_as_external_data=ext)
+            quantize_static(
+                str(pre), str(out), WindowReader(ctx["calib_feeds"]),
+                quant_format=QuantFormat.QDQ, per_channel=True, use_external_data_format=ext,
+            )
+            info["preprocess"] = f"required: quantize_static failed on the raw export ({short_error(first)})"
+        info["quantize_seconds"] = time.perf_counter() - start
+    info["ort_warnings"] = cap.messages
+    if cap.messages and info["preprocess"].startswith("not run"):
+        info["preprocess"] = "not run (not required; ORT only warns, see ort_warnings)"
+    return info
+
+
+def lowbit_w8a8(fp32: Path, folder: Path, ctx: dict[str, Any]) -> dict[str, Any]:
+    from lowbit.compiler.driver import compile as lowbit_compile
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    settings = ctx["lowbit_settings"]
+    if ctx["lowbit_source"] == "name":
+        source, kw = ctx["name"], {}
+        call = f'lowbit.compile("{ctx["name"]}", out, recipe="w8a8") (includes its own torch export)'
+    else:
+        source, kw = str(fp32), {"tokenizer": ctx["adapter"].tokenizer}
+        call = 'lowbit.compile("fp32/model.onnx", out, recipe="w8a8", tokenizer=<the model\'s tokenizer>)'
+    start = time.perf_counter()
+    res = lowbit_compile(
+        source, folder, recipe="w8a8", settings=settings, measure_latency=False, progress=False, threads=THREADS, **kw
+    )
+    seconds = time.perf_counter() - start
+    m = res.manifest
+    return {
+        "path": folder / "model.onnx",
+        "quantize_seconds": seconds,
+        "pipeline_seconds": m.get("compile_seconds"),
+        "call": call,
+        "settings": settings,
+        "passes": [{"pass": p.get("pass"), "seconds": p.get("seconds")} for p in m.get("passes", [])],
+        "plan_precisions": dict(collections.Counter(lp["precision"] for lp in ((m.get("plan") or {}).get("layers") or {}).values())),
+        "lowbit_own_accuracy": {k: v for k, v in (m.get("accuracy") or {}).items() if k != "generation"},
+    }
+
+
+QUANTIZERS: dict[str, Callable[[Path, Path, dict[str, Any]], dict[str, Any]]] = {
+    "ort-dynamic": ort_dynamic,
+    "ort-static-qdq": ort_static,
+    "lowbit-w8a8": lowbit_w8a8,
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Measurement
+# ---------------------------------------------------------------------------------------
+def accuracy(task: str, ref_out: list[np.ndarray], out: list[np.ndarray], eval_ids: list[np.ndarray]) -> dict[str, Any]:
+    from lowbit.compiler import evaluate
+
+    if task == "causal-lm":
+        return evaluate.lm_metrics(ref_out, out, eval_ids)
+    return evaluate.output_metrics(ref_out, out)
+
+
+def latency_round_robin(
+    sessions: dict[str, Any], feeds: dict[int, dict[str, np.ndarray]], rounds: int, repeats: dict[int, int]
+) -> dict[str, Any]:
+    """Per T: every method's median latency per round; the methods run interleaved, the
+    starting method rotating each round, so machine noise hits all of them alike."""
+    from lowbit.compiler import evaluate
+
+    names = list(sessions)
+    result: dict[str, Any] = {}
+    for t, feed in feeds.items():
+        per: dict[str, list[float]] = {n: [] for n in names}
+        for r in range(rounds):
+            order = names[r % len(names):] + names[: r % len(names)]
+            for n in order:
+                per[n].append(evaluate.median_latency(sessions[n], feed, repeats=repeats[t], warmup=1) * 1e3)
+        result[f"T={t}"] = {
+            n: {"ms": float(np.median(v)), "best_round_ms": float(np.min(v)), "round_medians_ms": [round(x, 3) for x in v]}
+            for n, v in per.items()
+        }
+        base = result[f"T={t}"].get("fp32")
+        for n in names:
+            if base:
+                result[f"T={t}"][n]["speedup"] = base["ms"] / result[f"T={t}"][n]["ms"]
+        log(f"  latency T={t}: " + ", ".join(f"{n} {result[f'T={t}'][n]['ms']:.2f} ms" for n in names))
+    return result
+
+
+def bench_model(name: str, root: Path, cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    from lowbit.compiler.data import split_text
+    from lowbit.compiler.ortsession import make_session
+
+    work = root / "compare_int8" / name
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    record: dict[str, Any] = {"name": name, "methods": {}}
+
+    log(f"{name}: exporting fp32 ONNX (torch dynamo exporter)")
+    fp32_path, adapter, export_s = export_fp32(name, work / "fp32")
+    task = adapter.task
+    record.update(task=task, export_seconds=export_s, inputs=adapter.input_names, outputs=adapter.output_names)
+    log(f"{name}: exported in {export_s:.1f} s ({task}, {onnx_disk_bytes(fp32_path) / 1e6:.1f} MB)")
+
+    split = split_text(
+        adapter.tokenizer, calib_data=None, eval_data=None,
+        calib_samples=cfg["calib_samples"], eval_samples=cfg["eval_samples"], seq_len=SEQ_LEN,
+    )
+    calib_feeds = [adapter.make_inputs([w]) for w in split.calibration]
+    eval_feeds = [adapter.make_inputs([w]) for w in split.evaluation]
+    eval_ids = [np.array([w], dtype=np.int64) for w in split.evaluation]
+    record["data"] = {
+        "source": split.source,
+        "seq_len": SEQ_LEN,
+        "calibration_windows": len(split.calibration),
+        "evaluation_windows": len(split.evaluation),
+        "evaluation_tokens": int(sum(len(w) for w in split.evaluation)),
+        "model_input_length": int(eval_feeds[0]["input_ids"].shape[1]),
+    }
+    full = adapter.make_inputs([split.evaluation[0]])
+    lat_feeds = {t: {k: np.ascontiguousarray(v[:, :t]) for k, v in full.items()} for t in (1, 128)}
+
+    ctx = {
+        "name": name, "adapter": adapter, "calib_feeds": calib_feeds,
+        "lowbit_source": args.lowbit_source, "lowbit_settings": dict(args.lowbit_setting or {}),
+    }
+    record["methods"]["fp32"] = {"path": fp32_path, "quantize_seconds": 0.0, "call": "lowbit frontend export (shared input of all methods)"}
+    for method, fn in QUANTIZERS.items():
+        log(f"{name}: {method}: quantizing")
+        try:
+            record["methods"][method] = fn(fp32_path, work / method, ctx)
+            log(f"{name}: {method}: done in {record['methods'][method]['quantize_seconds']:.1f} s")
+        except Exception as e:  # keep going: a failing peer is a result too
+            log(f"{name}: {method}: FAILED: {short_error(e)}")
+            record["methods"][method] = {"error": short_error(e), "traceback": traceback.format_exc(limit=6)}
+        gc.collect()
+
+    fp32_bytes = onnx_disk_bytes(fp32_path)
+    sessions = {}
+    for method, info in record["methods"].items():
+        if "error" in info:
+            continue
+        try:
+            info["size_bytes"] = onnx_disk_bytes(info["path"])
+            info["size_ratio"] = info["size_bytes"] / fp32_bytes
+            info["ops"] = op_counts(info["path"])
+            sessions[method] = make_session(info["path"], threads=THREADS)
+        except Exception as e:
+            log(f"{name}: {method}: ORT cannot load the model: {short_error(e)}")
+            info["error"] = f"session: {short_error(e)}"
+
+    # Accuracy on the held-out windows.
+    log(f"{name}: accuracy on {len(eval_feeds)} held-out windows")
+    from lowbit.compiler import evaluate
+
+    ref_out = evaluate.run_batches(sessions["fp32"], eval_feeds)
+    for method, sess in sessions.items():
+        try:
+            out = ref_out if method == "fp32" else evaluate.run_batches(sess, eval_feeds)
+            record["methods"][method]["accuracy"] = accuracy(task, ref_out, out, eval_ids)
+            del out
+        except Exception as e:
+            record["methods"][method]["accuracy"] = {"error": short_error(e)}
+        acc = record["methods"][method]["accuracy"]
+        if "perplexity" in acc:
+            log(f"  {method}: ppl {acc['perplexity']:.4f} ({acc['perplexity_increase']:+.3%}), KL {acc['kl']:.4g}, top-1 {acc['top1_agreement']:.2%}")
+        elif "cosine_mean" in acc:
+            log(f"  {method}: cosine mean {acc['cosine_mean']:.6f}, min {acc['cosine_min']:.6f}")
+        gc.collect()
+    del ref_out
+    gc.collect()
+
+    # Latency.
+    reps = cfg["repeats"]
+    log(f"{name}: latency, {cfg['rounds']} interleaved rounds x {reps} repeats per method")
+    record["latency"] = latency_round_robin(sessions, lat_feeds, cfg["rounds"], reps)
+    record["latency_settings"] = {"rounds": cfg["rounds"], "repeats_per_round": reps, "batch": 1, "intra_op_num_threads": THREADS,
+                                  "statistic": "median over rounds of each round's median"}
+    del sessions
+    gc.collect()
+    for info in record["methods"].values():
+        if "path" in info:
+            info["path"] = os.path.relpath(info["path"], REPO)
+    return record
+
+
+# ---------------------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------------------
+LABELS = {
+    "fp32": "fp32",
+    "ort-dynamic": "ORT quantize_dynamic",
+    "ort-static-qdq": "ORT quantize_static (QDQ)",
+    "lowbit-w8a8": "lowbit w8a8",
+}
+TITLES = {"smollm2-135m": "SmolLM2-135M (causal LM)", "all-minilm-l6-v2": "all-MiniLM-L6-v2 (encoder)"}
+
+
+def fmt_ms(lat: dict[str, Any] | None) -> str:
+    if not lat:
+        return "—"
+    return f"{lat['ms']:.2f} ({lat.get('speedup', float('nan')):.2f}x)"
+
+
+def model_table(rec: dict[str, Any]) -> list[str]:
+    lm = rec["task"] == "causal-lm"
+    head = ["method", "quantize time", "size MB (vs fp32)"]
+    head += ["perplexity (increase)", "KL vs fp32", "top-1 agree"] if lm else ["cosine mean", "cosine min"]
+    head += ["T=1 ms (speedup)", "T=128 ms (speedup)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in METHODS:
+        info = rec["methods"].get(m)
+        if info is None:
+            continue
+        if "error" in info:
+            lines.append(f"| {LABELS[m]} | FAILED: {info['error'][:120].replace('|', '/')} |" + " |" * (len(head) - 2))
+            continue
+        if m == "fp32":
+            qt = f"(export {rec['export_seconds']:.0f} s)"
+        elif m == "lowbit-w8a8" and info.get("pipeline_seconds") is not None:
+            qt = f"{info['quantize_seconds']:.1f} s ¹"
+        else:
+            qt = f"{info['quantize_seconds']:.1f} s"
+        row = [LABELS[m], qt, f"{info['size_bytes'] / 1e6:.1f} ({info['size_ratio']:.2f}x)"]
+        acc = info.get("accuracy", {})
+        if "error" in acc:
+            row += [f"error: {acc['error'][:60]}"] + [""] * (2 if lm else 1)
+        elif lm:
+            row += [
+                f"{acc['perplexity']:.3f} ({acc['perplexity_increase']:+.2%})",
+                f"{acc['kl']:.4f}",
+                f"{acc['top1_agreement']:.2%}",
+            ]
+        else:
+            row += [f"{acc['cosine_mean']:.5f}", f"{acc['cosine_min']:.5f}"]
+        row += [fmt_ms(rec["latency"]["T=1"].get(m)), fmt_ms(rec["latency"]["T=128"].get(m))]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def targets(results: dict[str, Any]) -> list[str]:
+    """PASS/FAIL lines for the two stated targets, from the measured numbers."""
+    lines = []
+    lm_recs = [r for r in results["models"].values() if r.get("task") == "causal-lm"]
+    for rec in lm_recs:
+        lb, dyn = rec["methods"].get("lowbit-w8a8", {}), rec["methods"].get("ort-dynamic", {})
+        a, b = lb.get("accuracy", {}), dyn.get("accuracy", {})
+        if "perplexity_increase" in a and "perplexity_increase" in b:
+            ok = a["perplexity_increase"] <= b["perplexity_increase"] / 5
+            lines.append(
+                f"**{'PASS' if ok else 'FAIL'}** — {rec['name']}: lowbit w8a8 perplexity increase "
+                f"{a['perplexity_increase']:+.3%} <= 1/5 of ORT quantize_dynamic's {b['perplexity_increase']:+.3%} "
+                f"(limit {b['perplexity_increase'] / 5:+.3%})"
+            )
+        else:
+            lines.append(f"**N/A** — {rec['name']}: perplexity target not measurable (a method failed)")
+    for rec in results["models"].values():
+        if "latency" not in rec:
+            continue
+        lat = rec["latency"]["T=128"]
+        if "lowbit-w8a8" in lat and "ort-dynamic" in lat:
+            x, y = lat["lowbit-w8a8"]["ms"], lat["ort-dynamic"]["ms"]
+            ok = x <= y
+            lines.append(
+                f"**{'PASS' if ok else 'FAIL'}** — {rec['name']}: lowbit w8a8 T=128 latency {x:.2f} ms "
+                f"<= ORT quantize_dynamic's {y:.2f} ms ({y / x:.2f}x)"
+            )
+        else:
+            lines.append(f"**N/A** — {rec['name']}: T=128 latency target not measurable (a method failed)")
+    return lines
+
+
+def notes(results: dict[str, Any]) -> list[str]:
+    out = []
+    for rec in results["models"].values():
+        if "methods" not in rec:
+            continue
+        for m, info in rec["methods"].items():
+            if "error" in info:
+                out.append(f"- {rec['name']} / {LABELS[m]} failed: `{info['error']}`")
+        st = rec["methods"].get("ort-static-qdq", {})
+        if "preprocess" in st:
+            out.append(f"- {rec['name']} / ORT quantize_static: `quant_pre_process` {st['preprocess']}.")
+        lb = rec["methods"].get("lowbit-w8a8", {})
+        own = lb.get("lowbit_own_accuracy") or {}
+        if "perplexity_increase" in own:
+            out.append(f"- {rec['name']} / lowbit's own verification (its manifest, same held-out split): perplexity increase "
+                       f"{own['perplexity_increase']:+.3%}, KL {own['kl']:.4f}, top-1 {own['top1_agreement']:.2%}.")
+        elif "cosine_mean" in own:
+            out.append(f"- {rec['name']} / lowbit's own verification (its manifest; rows without [CLS]/[SEP]): cosine mean "
+                       f"{own['cosine_mean']:.5f}, min {own['cosine_min']:.5f}.")
+    return out
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [
+        SECTION,
+        "",
+        f"Command: `{results['command']}`  ",
+        f"Date: {results['date']}  ",
+        f"ONNX Runtime {results['versions']['onnxruntime']} (CPUExecutionProvider), lowbit {results['versions']['lowbit']}, "
+        f"torch {results['versions']['torch']}, Python {m['python']}  ",
+        f"Machine: {m['cores']} cores, {m['cpu']}, {m.get('memory_gb', '?')} GB RAM, int8 ISA: {', '.join(m.get('int8_isa', [])) or 'none'}  ",
+        f"Total runtime: {results['total_seconds'] / 60:.1f} min",
+        "",
+        "All methods start from the same fp32 ONNX export (torch dynamo exporter via lowbit's frontend), "
+        f"calibrate on the same {results['settings']['calib_samples']} windows and are measured on the same "
+        f"{results['settings']['eval_samples']} held-out windows of {SEQ_LEN} tokens (Python's `pydoc_data.topics` prose, "
+        "split 80/20 by `lowbit.compiler.data.split_text`). Peers: `quantize_dynamic(per_channel=True, "
+        "weight_type=QInt8)`; `quantize_static(quant_format=QDQ, per_channel=True)` with ORT's defaults otherwise "
+        "(MinMax, QInt8 activations and weights, all op types). lowbit: `recipe=\"w8a8\"` (int8 per-channel weights, "
+        "int8 per-token dynamic activations). Latency: batch 1, intra_op_num_threads=2, ORT_ENABLE_ALL; "
+        f"{results['settings']['rounds']} rounds with all methods interleaved (starting method rotated), each round "
+        f"the median of {results['settings']['repeats'][1]} (T=1) / {results['settings']['repeats'][128]} (T=128) runs; "
+        "the table shows the median of the round medians and the speedup vs fp32. Size: model.onnx + external data on disk. "
+        "Quantize time: wall time of the quantization call, starting from the fp32 ONNX file.",
+        "",
+    ]
+    for rec in results["models"].values():
+        lines.append(f"### {TITLES.get(rec['name'], rec['name'])}")
+        lines.append("")
+        if "error" in rec:
+            lines += [f"FAILED: `{rec['error']}`", ""]
+            continue
+        lines += model_table(rec)
+        lines.append("")
+    lines.append("Targets:")
+    lines.append("")
+    lines += [f"- {t}" for t in targets(results)]
+    lines.append("")
+    lines.append("Notes:")
+    lines.append("")
+    lines.append(
+        "- ¹ lowbit's time is the wall time of `lowbit.compile`, which includes its built-in verification against fp32 "
+        "(held-out accuracy and a 32-token greedy generation); the pass pipeline alone (manifest `compile_seconds`): "
+        + ", ".join(
+            f"{r['name']} {r['methods']['lowbit-w8a8']['pipeline_seconds']:.1f} s"
+            for r in results["models"].values()
+            if r.get("methods", {}).get("lowbit-w8a8", {}).get("pipeline_seconds") is not None
+        )
+        + "."
+    )
+    lines += notes(results)
+    lines.append("- Raw numbers (per-round latencies, op counts of each model, ORT warnings): `benchmarks/out/compare_int8.json`.")
+    return "\n".join(lines) + "\n"
+
+
+def update_results(path: Path, section: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\s*$.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text.rstrip("\n") + "\n")
+
+
+def jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    return x
+
+
+# ---------------------------------------------------------------------------------------
+def parse_setting(text: str) -> tuple[str, Any]:
+    key, _, value = text.partition("=")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help="lowbit model names (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=HERE / "out", help="output folder (default: benchmarks/out)")
+    p.add_argument("--quick", action="store_true", help="few samples and repeats: a smoke run")
+    p.add_argument("--results", type=Path, default=None,
+                   help="markdown file whose int8 section to replace (default: benchmarks/RESULTS.md; none with --quick)")
+    p.add_argument("--lowbit-source", choices=["onnx", "name"], default="onnx",
+                   help="compile lowbit from the shared fp32 ONNX (default; like the peers) or from the model name "
+                        "(its own export, counted in its time)")
+    p.add_argument("--lowbit-setting", type=parse_setting, action="append", metavar="PASS.OPTION=VALUE",
+                   help="recipe option for lowbit (repeatable)")
+    args = p.parse_args(argv)
+
+    cfg = settings_for(args.quick)
+    args.out.mkdir(parents=True, exist_ok=True)
+    script = os.path.relpath(Path(__file__).resolve(), Path.cwd())
+    command = shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
+    results: dict[str, Any] = {
+        "command": command,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_info(),
+        "versions": versions(),
+        "settings": cfg | {"seq_len": SEQ_LEN, "threads": THREADS, "quick": args.quick, "lowbit_source": args.lowbit_source},
+        "models": {},
+    }
+    log(f"compare_int8: {', '.join(args.models)} ({'quick' if args.quick else 'full'} run); "
+        f"{results['machine']['cores']} cores, {results['machine']['cpu']}, ORT {results['versions']['onnxruntime']}")
+    stem = "compare_int8_quick" if args.quick else "compare_int8"
+    for name in args.models:
+        try:
+            results["models"][name] = bench_model(name, args.out, cfg, args)
+        except Exception as e:
+            log(f"{name}: FAILED: {short_error(e)}")
+            traceback.print_exc()
+            results["models"][name] = {"name": name, "error": short_error(e), "traceback": traceback.format_exc(limit=8)}
+        results["total_seconds"] = time.perf_counter() - T0
+        (args.out / f"{stem}.json").write_text(json.dumps(jsonable(results), indent=2) + "\n")
+    results["total_seconds"] = time.perf_counter() - T0
+    (args.out / f"{stem}.json").write_text(json.dumps(jsonable(results), indent=2) + "\n")
+    md = markdown(results)
+    (args.out / f"{stem}.md").write_text(md)
+    results_md = args.results if args.results is not None else (None if args.quick else HERE / "RESULTS.md")
+    if results_md is not None:
+        update_results(results_md, md)
+        log(f"updated {results_md}")
+    print()
+    print(md)
+    log(f"done in {results['total_seconds'] / 60:.1f} min; wrote {args.out / (stem + '.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
