@@ -30,7 +30,7 @@ from lowbit.compiler.data import CALIB_FRACTION, split_text
 from lowbit.compiler.errors import AccuracyError, InputError
 from lowbit.compiler.frontend import load_source
 from lowbit.compiler.ortsession import make_session
-from lowbit.compiler.passbase import CompileContext
+from lowbit.compiler.passbase import CompileContext, assign_debug_ids
 from lowbit.compiler.pipeline import DumpIR, PassLog, Verify, run_pipeline
 from lowbit.compiler.plan import read_plan
 from lowbit.compiler.recipe import load_recipe
@@ -93,6 +93,7 @@ def compile(  # noqa: A001 - the verb users expect
     with ArtifactWriter(output) as writer, tempfile.TemporaryDirectory(prefix="lowbit-ref-") as tmp:
         extra = {"example_inputs": example_inputs} if example_inputs is not None else {}
         model, adapter = load_source(source, tokenizer=tokenizer, **extra)
+        assign_debug_ids(model)
         ref_path = Path(tmp) / "reference.onnx"
         ir.save(model, ref_path, external_data="reference.onnx.data", size_threshold_bytes=1024)
         fp32_bytes = _weight_bytes(model)

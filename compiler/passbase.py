@@ -21,6 +21,27 @@ import onnx_ir as ir
 
 PASS_KEY = "lowbit.pass"
 LAYER_KEY = "lowbit.layer"
+#: a node's debug handle: assigned once after import, and carried by a pass to
+#: the node that computes the replacement of a value it rewrote, so the fp32 and
+#: the quantized graph can be compared tensor by tensor.
+DEBUG_KEY = "lowbit.debug_id"
+
+
+def assign_debug_ids(model: ir.Model) -> int:
+    """Give every node without one a debug id (its position in the imported graph)."""
+    count = 0
+    for i, node in enumerate(model.graph.all_nodes()):
+        if DEBUG_KEY not in node.metadata_props:
+            node.metadata_props[DEBUG_KEY] = str(i)
+            count += 1
+    return count
+
+
+def carry_debug_id(old: ir.Node, new_value: ir.Value) -> None:
+    """The producer of ``new_value`` now stands for ``old``'s output."""
+    producer = new_value.producer()
+    if producer is not None and DEBUG_KEY in old.metadata_props:
+        producer.metadata_props[DEBUG_KEY] = old.metadata_props[DEBUG_KEY]
 
 
 @dataclasses.dataclass

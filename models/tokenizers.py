@@ -158,7 +158,8 @@ class HFTokenizer:
         self.vocab_size = len(hf_tokenizer)
 
     def encode(self, text: str) -> list[int]:
-        return list(self.hf.encode(text, add_special_tokens=False))
+        # verbose=False: long calibration texts are cut into windows later, so no length warning
+        return list(self.hf.encode(text, add_special_tokens=False, verbose=False))
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)

@@ -20,7 +20,7 @@ import onnxscript.optimizer
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from lowbit.compiler.irutil import add_initializer, replace_value
-from lowbit.compiler.passbase import LowbitPass
+from lowbit.compiler.passbase import LowbitPass, carry_debug_id
 from lowbit.compiler.registry import register_pass
 
 
@@ -84,6 +84,7 @@ class CanonicalizePass(LowbitPass):
             graph.insert_before(node, add)
             out = add.outputs[0]
         out.shape, out.type = node.outputs[0].shape, node.outputs[0].type
+        carry_debug_id(node, out)
         replace_value(node.outputs[0], out)
         graph.remove(node, safe=True)
 

@@ -30,7 +30,7 @@ from onnx_ir.passes.common import (
 from lowbit.backends.ort.qlinear import emit_dynamic_per_token_linear, emit_static_linear
 from lowbit.compiler.errors import InputError
 from lowbit.compiler.irutil import replace_value
-from lowbit.compiler.passbase import LAYER_KEY, LowbitPass
+from lowbit.compiler.passbase import LAYER_KEY, LowbitPass, carry_debug_id
 from lowbit.compiler.plan import read_plan
 from lowbit.compiler.registry import register_pass
 
@@ -117,6 +117,7 @@ class LowerToORTPass(LowbitPass):
             else:
                 y = emit_dynamic_per_token_linear(graph, x, w_q, scale, name=name, symmetric=self.symmetric_tokens,
                                                   pass_name=type(self).__name__, insert_before=node)
+            carry_debug_id(node, y)
             replace_value(node.outputs[0], y)
             graph.remove(node, safe=True)
             lowered += 1
