@@ -25,9 +25,12 @@ PRECISIONS: dict[str, tuple[int | None, int | None]] = {
     "fp32": (None, None),
     "w8a8": (8, 8),
     "w8a16": (8, None),
+    "w4a16": (4, None),
+    "w4a8": (4, 8),
 }
 ACTIVATION_MODES = ("dynamic", "static")
-WEIGHT_ALGORITHMS = ("rtn", "mse")
+WEIGHT_ALGORITHMS = ("rtn", "mse", "gptq")
+GRANULARITIES = ("per-channel", "per-group")
 
 
 @dataclasses.dataclass
@@ -35,22 +38,34 @@ class LayerPlan:
     """What happens to one linear layer.
 
     Attributes:
-        precision: a key of ``PRECISIONS`` ("fp32", "w8a8", "w8a16").
-        granularity: of weight scales: "per-channel" (per output column).
-        symmetric: symmetric weight quantization (zero point 0).
-        activations: "dynamic" (per token, computed at run time) or "static"
+        precision: a key of ``PRECISIONS`` ("fp32", "w8a8", "w8a16", "w4a16", "w4a8").
+        symmetric: symmetric weights (signed codes, no zero point); False gives
+            unsigned codes with a zero point per scale.
+        activations: "dynamic" (computed at run time: per token for int8 weights,
+            per row and K-block inside ORT's 4-bit kernel for w4a8) or "static"
             (per tensor, calibrated); ignored without activation quantization.
-        weight_algorithm: "rtn" (round to nearest at absmax) or "mse"
-            (clipping ratio searched to minimise weight MSE).
+        weight_algorithm: "rtn" (round to nearest at absmax), "mse" (clipping ratio
+            searched per scale to minimise the weight's squared error) or "gptq"
+            (error-compensating rounding against calibration inputs, Frantar et al.).
         reason: why this precision was chosen (shown by ``lowbit inspect``).
+        group_size: None for one scale per output channel; otherwise one scale (and
+            zero point) per output channel and per ``group_size`` consecutive input
+            features (rows of ``W[K, N]``). A power of two >= 16: the block sizes
+            ORT's ``MatMulNBits`` (and every int4 GEMM kernel we know) takes.
+        act_order: GPTQ only: quantize input features in order of decreasing
+            Hessian diagonal (groups stay contiguous in the original order).
+
+    ``granularity`` ("per-channel" or "per-group") is derived from ``group_size``;
+    it is written to JSON for readers, and accepted (checked) when read back.
     """
 
     precision: str = "w8a8"
-    granularity: str = "per-channel"
     symmetric: bool = True
     activations: str = "dynamic"
     weight_algorithm: str = "rtn"
     reason: str = ""
+    group_size: int | None = None
+    act_order: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -61,8 +76,25 @@ class LayerPlan:
             raise InputError(
                 f"unknown weight algorithm {self.weight_algorithm!r} (known: {', '.join(WEIGHT_ALGORITHMS)})"
             )
-        if self.granularity != "per-channel":
-            raise InputError(f"unsupported granularity {self.granularity!r} (supported: per-channel)")
+        g = self.group_size
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 16 or g & (g - 1)):
+            raise InputError(f"group_size must be a power of two >= 16 (or none for per-channel), got {g!r}")
+        if self.act_order and self.weight_algorithm != "gptq":
+            raise InputError(f"act_order needs weight_algorithm 'gptq', not {self.weight_algorithm!r}")
+        if self.weight_bits is None:
+            return  # float: the weight options do not apply (an override may make it float)
+        if self.activation_bits is not None and self.activations == "static" and (
+            self.weight_bits != 8 or g is not None or not self.symmetric
+        ):
+            raise InputError(
+                f"{self.precision} with static activations needs symmetric per-channel int8 weights "
+                "(the static int8 GEMM has one weight scale per output channel and no weight zero point); "
+                "use dynamic activations"
+            )
+
+    @property
+    def granularity(self) -> str:
+        return "per-channel" if self.group_size is None else "per-group"
 
     @property
     def weight_bits(self) -> int | None:
@@ -71,6 +103,22 @@ class LayerPlan:
     @property
     def activation_bits(self) -> int | None:
         return PRECISIONS[self.precision][1]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"granularity": self.granularity}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LayerPlan:
+        data = dict(data)
+        granularity = data.pop("granularity", None)
+        if "group_size" in data and data["group_size"] == 0:
+            data["group_size"] = None  # recipes and TOML have no null: 0 means per-channel
+        lp = cls(**data)
+        if granularity is not None and granularity != lp.granularity:
+            if granularity not in GRANULARITIES:
+                raise InputError(f"unsupported granularity {granularity!r} (supported: {', '.join(GRANULARITIES)})")
+            raise InputError(f"granularity {granularity!r} contradicts group_size {lp.group_size!r}")
+        return lp
 
 
 @dataclasses.dataclass
@@ -82,14 +130,14 @@ class Plan:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "layers": {k: dataclasses.asdict(v) for k, v in self.layers.items()},
+            "layers": {k: v.to_json() for k, v in self.layers.items()},
             "skipped": dict(self.skipped),
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Plan:
         try:
-            layers = {k: LayerPlan(**v) for k, v in data.get("layers", {}).items()}
+            layers = {k: LayerPlan.from_json(v) for k, v in data.get("layers", {}).items()}
         except TypeError as e:
             raise InputError(f"invalid plan: {e}") from e
         return cls(layers=layers, skipped=dict(data.get("skipped", {})))

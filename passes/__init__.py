@@ -3,6 +3,7 @@
 from lowbit.passes.calibrate import CalibratePass
 from lowbit.passes.canonicalize import CanonicalizePass
 from lowbit.passes.plan import PlanUniformPass
+from lowbit.passes.quantize_embeddings import QuantizeEmbeddingsPass
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
 from lowbit.passes.recognize import RecognizeStructuresPass
 
@@ -10,6 +11,7 @@ __all__ = [
     "CalibratePass",
     "CanonicalizePass",
     "PlanUniformPass",
+    "QuantizeEmbeddingsPass",
     "QuantizeWeightsPass",
     "RecognizeStructuresPass",
 ]
