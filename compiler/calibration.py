@@ -43,6 +43,8 @@ class TensorObserver:
     count: int = 0
     pos_hist: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(len(_EDGES) - 1, np.int64))
     neg_hist: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(len(_EDGES) - 1, np.int64))
+    rows: int = 0
+    skew_sum: float = 0.0
 
     def update(self, x: np.ndarray) -> None:
         x = np.asarray(x, dtype=np.float32)
@@ -61,6 +63,10 @@ class TensorObserver:
         self.count += flat.size
         self.pos_hist += np.histogram(flat[flat > 0], _EDGES)[0]
         self.neg_hist += np.histogram(-flat[flat < 0], _EDGES)[0]
+        hi, lo = np.maximum(flat.max(axis=1), 0), np.minimum(flat.min(axis=1), 0)
+        span = hi - lo
+        self.skew_sum += float((np.abs(hi + lo)[span > 0] / span[span > 0]).sum())
+        self.rows += flat.shape[0]
 
     def percentile_range(self, percentile: float) -> tuple[float, float]:
         """(low, high) clipping range holding ``percentile``% of each sign's values."""
@@ -68,6 +74,15 @@ class TensorObserver:
 
     def abs_percentile(self, percentile: float) -> float:
         return _quantile(self.pos_hist + self.neg_hist, percentile)
+
+    def row_skew(self) -> float:
+        """Mean over rows (tokens) of |max + min| / (max - min), the range clamped to hold 0.
+
+        0: every row spans [-a, a] (symmetric per-token quantization loses
+        nothing); 1: rows are one-sided (symmetric quantization wastes half of
+        its levels).
+        """
+        return self.skew_sum / self.rows if self.rows else 0.0
 
     def outlier_ratio(self) -> float:
         """max / median of the per-channel absmax (large: a few outlier channels)."""
@@ -85,6 +100,7 @@ class TensorObserver:
             "absmax_max": float(self.absmax.max()) if self.absmax is not None else 0.0,
             "absmax_median": float(np.median(self.absmax)) if self.absmax is not None else 0.0,
             "outlier_ratio": round(self.outlier_ratio(), 2),
+            "row_skew": round(self.row_skew(), 4),
             "p99.99": self.abs_percentile(99.99),
         }
 

@@ -222,7 +222,9 @@ def load_onnx(path: str | Path) -> ir.Model:
                     f"external data file {data.name} is truncated: initializer {value.name!r} needs "
                     f"bytes up to {need}, file has {data.stat().st_size}"
                 )
-    return model
+    # Read the weights now: passes, verification and the artifact must not
+    # depend on the source's data file staying where it is.
+    return ir.external_data.load_to_model(model)
 
 
 def load_source(source: Any, *, tokenizer=None, opset: int | None = None, name: str | None = None, **kw):

@@ -199,3 +199,29 @@ def test_nn_module_with_example_inputs(tmp_path):
     result = lowbit.compile(module, tmp_path / "out", example_inputs={"x": x}, measure_latency=False, progress=False)
     assert len(result.manifest["plan"]["layers"]) == 2
     assert result.accuracy["cosine_mean"] > 0.999
+
+
+def test_run_with_npz_inputs(mlp_onnx, tmp_path, capsys):
+    out = tmp_path / "art"
+    assert main(["-q", "compile", str(mlp_onnx), "-o", str(out), "--no-latency"]) == 0
+    x = np.random.default_rng(5).standard_normal((1, 3, 8)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=x)
+    assert main(["run", str(out), "--inputs", str(tmp_path / "in.npz"), "--output", str(tmp_path / "y.npz")]) == 0
+    assert "y: shape [1, 3, 8]" in capsys.readouterr().out
+    y = np.load(tmp_path / "y.npz")["y"]
+    ref = ort.InferenceSession(str(mlp_onnx)).run(None, {"x": x})[0]
+    assert np.abs(y - ref).max() / np.abs(ref).max() < 0.05
+    np.savez(tmp_path / "bad.npz", z=x)
+    assert "inputs lack ['x']" in _error(capsys, ["run", str(out), "--inputs", str(tmp_path / "bad.npz")])
+    assert "--prompt needs a language model" in _error(capsys, ["run", str(out), "--prompt", "hi"])
+
+
+def test_artifact_owns_weights_of_an_external_data_source(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    ir.save(mlp(), src / "mlp.onnx", external_data="mlp.onnx.data", size_threshold_bytes=0)
+    result = lowbit.compile(src / "mlp.onnx", tmp_path / "out", measure_latency=False, progress=False,
+                            settings={"plan.exclude": ["down"]})  # "down" keeps its fp32 weight
+    (src / "mlp.onnx.data").unlink()
+    session = ort.InferenceSession(str(result.path / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"x": np.ones((1, 2, 8), np.float32)})[0].shape == (1, 2, 8)

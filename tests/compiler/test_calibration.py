@@ -1,0 +1,50 @@
+import numpy as np
+import pytest
+
+from lowbit.compiler.calibration import TensorObserver, check_inputs, observe
+from lowbit.compiler.errors import CalibrationError
+
+
+def test_observer_statistics_stream_with_bounded_memory():
+    rng = np.random.default_rng(0)
+    obs = TensorObserver("t")
+    data = []
+    for _ in range(5):
+        x = rng.standard_normal((2, 7, 4)).astype(np.float32)
+        x[..., 2] *= 20
+        obs.update(x)
+        data.append(x.reshape(-1, 4))
+    all_x = np.concatenate(data)
+    np.testing.assert_allclose(obs.absmax, np.abs(all_x).max(axis=0))
+    assert obs.min == all_x.min() and obs.max == all_x.max() and obs.count == all_x.size
+    lo, hi = obs.percentile_range(100.0)
+    assert hi == pytest.approx(all_x.max(), rel=0.02) and lo == pytest.approx(all_x.min(), rel=0.02)
+    assert obs.outlier_ratio() > 5
+    assert obs.pos_hist.size == obs.neg_hist.size == 2048  # fixed, whatever the token count
+
+
+def test_row_skew():
+    sym, one_sided = TensorObserver("a"), TensorObserver("b")
+    sym.update(np.array([[-1.0, 1.0, 0.5], [-2.0, 0.0, 2.0]], np.float32))
+    one_sided.update(np.array([[0.0, 3.0, 1.0], [1.0, 2.0, 0.5]], np.float32))
+    assert sym.row_skew() == 0.0
+    assert one_sided.row_skew() == 1.0
+
+
+def test_nan_is_named():
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Log", ["x"], ["logx"]), helper.make_node("Relu", ["logx"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10))
+    batches = [{"x": np.array([1.0, 2.0], np.float32)}, {"x": np.array([-1.0, 2.0], np.float32)}]  # log(-1) = NaN
+    with pytest.raises(CalibrationError, match=r"tensor 'logx' has NaN or infinite values on calibration data \(batch 1\)"):
+        observe(model, ["logx"], batches, show_progress=False)
+    with pytest.raises(CalibrationError, match="input 'x' contains NaN"):
+        check_inputs([{"x": np.array([np.nan], np.float32)}])
+    with pytest.raises(CalibrationError, match="no calibration data"):
+        check_inputs([])
