@@ -411,15 +411,17 @@ class CacheFlusher:
 
 
 def time_paired(runs: dict[str, Callable[[], object]], rounds: int, ref: str = "fp32",
-                flush: Callable[[], None] | None = None) -> dict[str, dict]:
-    """Paired timing: in every round, each variant runs back to back with the fp32
-    reference (order alternating between rounds, variants in rotating order), and the
-    speedup is the median over rounds of ``t_ref / t_variant`` of these adjacent runs.
+                flush: Callable[[], None] | None = None, reps: int = 3) -> dict[str, dict]:
+    """Paired timing: in every round, each variant is timed back to back with the fp32
+    reference (order alternating between rounds, variants in rotating order); each side of
+    a pair is the fastest of ``reps`` runs (a run that lost its time slice is dropped), and
+    the speedup is the median over rounds of ``t_ref / t_variant``.
 
     Why paired: this machine is shared (2 vCPUs, other jobs come and go in bursts of
     seconds; one busy core stalls ORT's 2-thread pool several-fold). Two runs a few
     milliseconds apart see the same load, so their ratio survives bursts that make
-    absolute times (and ratios of separately taken medians) swing by 3-5x."""
+    absolute times (and ratios of separately taken medians) swing by 3-5x. The minimum of
+    a few runs removes the single runs that were preempted."""
     for fn in runs.values():  # warm-up (first-run allocations, prepacking)
         fn()
         fn()
@@ -430,11 +432,14 @@ def time_paired(runs: dict[str, Callable[[], object]], rounds: int, ref: str = "
         for name in names[r % len(names):] + names[: r % len(names)]:
             t = {}
             for nm in ((ref, name) if r % 2 == 0 else (name, ref)):
-                if flush is not None:
-                    flush()
-                t0 = time.perf_counter()
-                runs[nm]()
-                t[nm] = time.perf_counter() - t0
+                best = float("inf")
+                for _ in range(reps):
+                    if flush is not None:
+                        flush()
+                    t0 = time.perf_counter()
+                    runs[nm]()
+                    best = min(best, time.perf_counter() - t0)
+                t[nm] = best
             ratios[name].append(t[ref] / t[name])
             times[name].append(t[name])
             times[ref].append(t[ref])
@@ -488,7 +493,9 @@ def run_config(k: int, n: int, t: int, vs: Sequence[Variant], threads: int, roun
         times = time_paired(runs, rounds, "fp32", flush)
         for row in rows:
             row.update(times.get(row["variant"], {}))
-    rows.append({"K": k, "N": n, "T": t, "variant": "w8_only_numpy", "group": "ref",
+    for row in rows:
+        row["loadavg"] = os.getloadavg()[0]
+    rows.append({"K": k, "N": n, "T": t, "variant": "w8_only_numpy", "group": "ref", "loadavg": os.getloadavg()[0],
                  "desc": "numpy x @ dequant(W_q): weight-quantization error alone",
                  "rel_err": rel_err(w8_only, refs)})
     return rows
@@ -496,9 +503,13 @@ def run_config(k: int, n: int, t: int, vs: Sequence[Variant], threads: int, roun
 
 def to_markdown(rows: Sequence[dict], vs: Sequence[Variant]) -> str:
     configs = sorted({(r["K"], r["N"], r["T"]) for r in rows}, key=lambda c: (c[2], c[0], c[1]))
+    by_cfg_load = {(r["K"], r["N"], r["T"]): r.get("loadavg", float("nan")) for r in rows}
     head = "| variant | " + " | ".join(f"{k}x{n} T={t}" for k, n, t in configs) + " |"
     lines = ["Speedup vs fp32 MatMul (higher is faster) / relative error ||y - y_fp32|| / ||y_fp32||.",
-             "Rows starting with `*` are built by the shipped emitters (lowbit.backends.ort.qlinear).", "",
+             "Rows starting with `*` are built by the shipped emitters (lowbit.backends.ort.qlinear).",
+             "`?`: the paired ratios' interquartile range spans more than 1.5x (machine was contended).",
+             "Load average at the end of each configuration: "
+             + ", ".join(f"{k}x{n} T={t}: {by_cfg_load[(k, n, t)]:.1f}" for k, n, t in configs) + ".", "",
              head, "|---|" + "---|" * len(configs)]
     names = [v.name for v in vs] + ["w8_only_numpy"]
     by = {(r["variant"], r["K"], r["N"], r["T"]): r for r in rows}
@@ -511,7 +522,9 @@ def to_markdown(rows: Sequence[dict], vs: Sequence[Variant]) -> str:
             elif "error" in r:
                 cells.append("refused")
             elif "speedup" in r:
-                cells.append(f"{r['speedup']:.2f}x / {r['rel_err']:.1e}")
+                lo, hi = r["speedup_iqr"]
+                noisy = "?" if hi > 1.5 * lo else ""  # paired ratios spread widely: contended
+                cells.append(f"{r['speedup']:.2f}x{noisy} / {r['rel_err']:.1e}")
             else:
                 cells.append(f"- / {r['rel_err']:.1e}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -533,13 +546,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="one shape, fewer repeats (smoke test)")
     ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--tokens", type=int, nargs="+", default=TOKENS, help="sequence lengths T (default 1 128)")
     ap.add_argument("--warm-cache", action="store_true",
                     help="do not flush the caches before each timed run (weights stay in L3)")
     args = ap.parse_args(argv)
 
     vs = variants()
     shapes = SHAPES[:1] if args.quick else SHAPES
-    rounds = args.rounds or (3 if args.quick else 15)
+    rounds = args.rounds or (3 if args.quick else 9)
     t_start = time.perf_counter()
     load0 = os.getloadavg()[0]
     if load0 > 0.5:
@@ -547,7 +561,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
     flush = None if args.warm_cache else CacheFlusher()
     rows: list[dict] = []
-    for t in TOKENS:
+    for t in args.tokens:
         for k, n in shapes:
             # flush only for decode (T=1), which is bound by reading the weights; at T=128 the
             # GEMM is compute-bound and re-reads each weight block from cache anyway
@@ -555,10 +569,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  done K={k} N={n} T={t} ({time.perf_counter() - t_start:.0f}s)", file=sys.stderr)
 
     md = to_markdown(rows, vs)
-    meta = {"loadavg_end": [round(v, 2) for v in os.getloadavg()], "onnxruntime": ort.__version__, "onnx": onnx.__version__, "onnx_ir": ir.__version__,
+    meta = {"onnxruntime": ort.__version__, "onnx": onnx.__version__, "onnx_ir": ir.__version__,
             "numpy": np.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "cpu": _cpu_name(), "threads": args.threads, "linears_per_graph": N_LINEARS,
-            "opset": OPSET, "rounds": rounds, "cache_flushed_before_each_run_at_T1": flush is not None, "seconds": round(time.perf_counter() - t_start, 1)}
+            "cpu": _cpu_name(), "cpus": os.cpu_count(), "threads": args.threads,
+            "linears_per_graph": N_LINEARS, "opset": OPSET, "rounds": rounds,
+            "cache_flushed_before_each_run_at_T1": flush is not None,
+            "loadavg_start": round(load0, 2), "loadavg_end": round(os.getloadavg()[0], 2),
+            "seconds": round(time.perf_counter() - t_start, 1)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ort_linear_kernels.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

@@ -8,7 +8,7 @@ def test_builtin_recipes_build_and_resolve():
     assert {"w8a8", "w8a8-static"} <= set(builtin_recipes())
     recipe = load_recipe("w8a8")
     passes = recipe.build()
-    assert [p.name for p in passes] == ["canonicalize", "recognize", "calibrate", "plan", "quantize-weights", "quantize-embeddings", "lower-ort"]
+    assert [p.name for p in passes] == ["canonicalize", "recognize", "calibrate", "plan", "quantize-weights", "quantize-embeddings", "fuse-linears", "lower-ort"]
     resolved = recipe.resolved()
     plan = next(p for p in resolved["passes"] if p["pass"] == "plan")
     assert plan["activations"] == "dynamic" and plan["keep_float_top"] == 0  # defaults filled in

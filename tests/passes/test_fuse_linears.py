@@ -1,0 +1,59 @@
+import numpy as np
+
+from lowbit.compiler.passbase import CompileContext
+from lowbit.compiler.pipeline import Verify, run_pipeline
+from lowbit.passes.fuse_linears import DEBUG_IDS_KEY, FuseSharedInputLinearsPass
+from lowbit.passes.plan import PlanUniformPass
+from lowbit.passes.quantize_weights import QuantizeWeightsPass
+from lowbit.compiler.passbase import assign_debug_ids
+from tests.graphs import mlp, ops, run
+
+X = np.random.default_rng(2).standard_normal((2, 5, 8)).astype(np.float32)
+
+
+def exact(model):
+    """Run without ORT's graph optimizations (which rewrite QDQ weights into int8 kernels)."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(ir.to_proto(model).SerializeToString(), opts).run(None, {"x": X})[0]
+
+
+def quantized(**plan):
+    model = mlp()
+    assign_debug_ids(model)
+    run_pipeline(model, [PlanUniformPass(**plan), QuantizeWeightsPass()], instruments=[Verify()])
+    return model
+
+
+def test_shared_input_linears_become_one_exactly():
+    model = quantized()
+    before = exact(model)
+    ids = [n.metadata_props["lowbit.debug_id"] for n in model.graph if n.name in ("up", "side")]
+    p = FuseSharedInputLinearsPass()
+    run_pipeline(model, [p], instruments=[Verify()])
+    assert ops(model).count("MatMul") == 2 and ops(model).count("Split") == 1  # (up+side) and down
+    split = next(n for n in model.graph if n.op_type == "Split")
+    assert split.metadata_props[DEBUG_IDS_KEY] == ",".join(ids)
+    assert p.context.notes["fuse-linears"]["groups"] == [["up", "side"]]
+    np.testing.assert_array_equal(exact(model), before)
+    assert not any(name.startswith(("up.", "side.")) for name in model.graph.initializers)
+    assert not FuseSharedInputLinearsPass()(model).modified
+
+
+def test_different_plans_stay_apart():
+    model = quantized(overrides=["side=w8a16"])
+    assert not FuseSharedInputLinearsPass()(model).modified
+    assert ops(model).count("MatMul") == 3
+
+
+def test_fused_graph_lowers_to_one_integer_matmul():
+    from lowbit.backends.ort.lower import LowerToORTPass
+
+    model = quantized()
+    ref = run(mlp(), {"x": X})[0]
+    run_pipeline(model, [FuseSharedInputLinearsPass(), LowerToORTPass()], context=CompileContext(), instruments=[Verify()])
+    assert sum(op in ("MatMulInteger", "MatMulIntegerToFloat") for op in ops(model)) == 2
+    assert np.abs(run(model, {"x": X})[0] - ref).max() / np.abs(ref).max() < 0.02
