@@ -29,6 +29,7 @@ from lowbit.compiler.ortsession import session_for
 from lowbit.compiler.progress import progress
 
 _EDGES = np.concatenate([[0.0], np.logspace(-8, 6, 2048)])
+MAX_ROW_RANGES = 8192
 
 
 @dataclasses.dataclass
@@ -45,6 +46,8 @@ class TensorObserver:
     neg_hist: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(len(_EDGES) - 1, np.int64))
     rows: int = 0
     skew_sum: float = 0.0
+    #: (max, min) of the first MAX_ROW_RANGES rows (ranges clamped to hold 0), for zero-point choice
+    row_ranges: list = dataclasses.field(default_factory=list)
 
     def update(self, x: np.ndarray) -> None:
         x = np.asarray(x, dtype=np.float32)
@@ -67,6 +70,9 @@ class TensorObserver:
         span = hi - lo
         self.skew_sum += float((np.abs(hi + lo)[span > 0] / span[span > 0]).sum())
         self.rows += flat.shape[0]
+        kept = sum(len(r) for r in self.row_ranges)
+        if kept < MAX_ROW_RANGES:
+            self.row_ranges.append(np.stack([hi, lo], axis=1)[: MAX_ROW_RANGES - kept])
 
     def percentile_range(self, percentile: float) -> tuple[float, float]:
         """(low, high) clipping range holding ``percentile``% of each sign's values."""
@@ -83,6 +89,18 @@ class TensorObserver:
         its levels).
         """
         return self.skew_sum / self.rows if self.rows else 0.0
+
+    def shared_zero_point(self) -> int | None:
+        """The uint8 zero point z, one for all rows, that minimises the mean squared
+        per-row step ``s_r = max(hi_r / (255 - z), -lo_r / z)`` over the observed rows
+        (the quantization noise of per-token scales with a shared zero point); None
+        without observed rows."""
+        if not self.row_ranges:
+            return None
+        r = np.concatenate(self.row_ranges).astype(np.float64)
+        z = np.arange(1, 255, dtype=np.float64)[:, None]
+        steps = np.maximum(r[None, :, 0] / (255 - z), -r[None, :, 1] / z)
+        return int(np.argmin((steps**2).mean(axis=1))) + 1
 
     def outlier_ratio(self) -> float:
         """max / median of the per-channel absmax (large: a few outlier channels)."""

@@ -98,7 +98,9 @@ class FuseSharedInputLinearsPass(LowbitPass):
             ir.node("Split", [matmul.outputs[0], sizes], attributes={"axis": -1}, num_outputs=len(members), name=f"{name}/split"),
             layer,
         )
-        split.metadata_props[DEBUG_IDS_KEY] = ",".join(m[0].metadata_props.get(DEBUG_KEY, "") for m in members)
+        ids = [m[0].metadata_props.get(DEBUG_KEY, "") for m in members]
+        split.metadata_props[DEBUG_IDS_KEY] = ",".join(ids)
+        matmul.metadata_props[DEBUG_KEY] = "+".join(ids)  # carried on by the lowering
         graph.insert_before(first, [dq, matmul, split])
         for (node, *_), out in zip(members, split.outputs):
             out.shape, out.type = node.outputs[0].shape, node.outputs[0].type

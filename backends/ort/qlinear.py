@@ -282,6 +282,7 @@ def emit_dynamic_per_token_linear(
     bias: np.ndarray | None = None,
     name: str,
     symmetric: bool = False,
+    zero_point: int | None = None,
     pass_name: str = DEFAULT_PASS_NAME,
     insert_before: ir.Node | None = None,
     opset: int | None = None,
@@ -321,7 +322,25 @@ def emit_dynamic_per_token_linear(
         opset = _default_opset(target) or BLOCKED_QUANTIZE_OPSET
     b = NodeBuilder(target, name, pass_name, anchor_value=x, insert_before=insert_before)
     axes = b.const("reduce_axes", np.array([-1], np.int64))
-    if symmetric:
+    if zero_point is not None:
+        # One zero point z for every row, a scale per row: the row's range [lo, hi] must fit
+        # [-z s, (255 - z) s]. No per-row zero point, so no correction pass after the GEMM;
+        # z is calibrated so that typical rows (whose skew comes from fixed-sign outlier
+        # channels) use most of the 256 levels.
+        z = int(zero_point)
+        if not 1 <= z <= 254:
+            raise ValueError(f"zero_point must be in [1, 254], got {zero_point}")
+        zero = b.const("zero", _f32(0.0))
+        hi = b.op("Max", [b.op("ReduceMax", [x, axes], {"keepdims": 1}, out="x_max_raw"), zero], out="x_max")
+        lo = b.op("Min", [b.op("ReduceMin", [x, axes], {"keepdims": 1}, out="x_min_raw"), zero], out="x_min")
+        s_hi = b.op("Mul", [hi, b.const("inv_hi", _f32(1 / (255 - z)))], out="x_scale_hi")
+        s_lo = b.op("Mul", [lo, b.const("inv_lo", _f32(-1 / z))], out="x_scale_lo")
+        s = b.op("Max", [s_hi, s_lo, b.const("scale_eps", _f32(SCALE_EPS))], out="x_scale")
+        zp = b.op("Expand", [b.const("zp_row", np.full((1,), z, np.uint8)), b.op("Shape", [s])],
+                  out="x_zero_point")
+        mm_zp = b.const("mm_zp", np.array(z, np.uint8))
+        symmetric = True  # no correction pass below
+    elif symmetric:
         amax = b.op("ReduceMax", [b.op("Abs", [x], out="x_abs"), axes], {"keepdims": 1}, out="x_absmax")
         scaled = b.op("Mul", [amax, b.const("inv_qrange", _f32(1 / 127))], out="x_scale_raw")
         s = b.op("Max", [scaled, b.const("scale_eps", _f32(SCALE_EPS))], out="x_scale")

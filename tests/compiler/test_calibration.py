@@ -31,6 +31,18 @@ def test_row_skew():
     assert one_sided.row_skew() == 1.0
 
 
+def test_shared_zero_point_follows_row_skew():
+    rng = np.random.default_rng(1)
+    sym, pos = TensorObserver("a"), TensorObserver("b")
+    x = rng.standard_normal((64, 16)).astype(np.float32)
+    sym.update(x)
+    x[:, 0] = 20 + rng.standard_normal(64)  # a fixed-sign outlier channel: rows reach far above 0
+    pos.update(x)
+    assert 120 <= sym.shared_zero_point() <= 136
+    assert pos.shared_zero_point() < 40
+    assert TensorObserver("empty").shared_zero_point() is None
+
+
 def test_nan_is_named():
     import onnx_ir as ir
     from onnx import TensorProto, helper
