@@ -86,7 +86,7 @@ def settings_for(quick: bool) -> dict[str, Any]:
             "rounds": 2,
             "repeats": {1: 3, 128: 2},  # runs per method per round, by T
         }
-    return {"calib_samples": 32, "eval_samples": 16, "rounds": 7, "repeats": {1: 15, 128: 4}}
+    return {"calib_samples": 32, "eval_samples": 16, "rounds": 6, "repeats": {1: 10, 128: 3}}
 
 
 # ---------------------------------------------------------------------------------------
@@ -157,6 +157,45 @@ def op_counts(path: Path) -> dict[str, int]:
 
     model = onnx.load(str(path), load_external_data=False)
     return dict(collections.Counter(n.op_type for n in model.graph.node).most_common())
+
+
+def activation_scales(path: Path, top: int = 5) -> dict[str, Any]:
+    """The largest per-tensor activation scales of a QDQ model (QuantizeLinear on a non-constant input)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    init = {i.name: i for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    rows = []
+    for n in model.graph.node:
+        if n.op_type == "QuantizeLinear" and n.input[0] not in init and n.input[1] in init:
+            t = init[n.input[1]]
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                continue
+            scale = numpy_helper.to_array(t)
+            if scale.size == 1:
+                src = producer.get(n.input[0])
+                rows.append((float(scale), n.input[0], src.op_type if src is not None else "graph input"))
+    rows.sort(reverse=True)
+    return {
+        "quantized_activations": len(rows),
+        "at_least_1e30": sum(r[0] >= 1e30 for r in rows),
+        "top": [{"scale": r[0], "tensor": r[1], "producer": r[2]} for r in rows[:top]],
+    }
+
+
+def git_state() -> dict[str, Any]:
+    import subprocess
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=30).stdout
+
+    try:
+        dirty = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines() if line.strip()]
+        return {"commit": git("rev-parse", "--short", "HEAD").strip(), "modified_files": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {}
 
 
 def short_error(e: BaseException) -> str:
@@ -284,6 +323,7 @@ def ort_static(fp32: Path, folder: Path, ctx: dict[str, Any]) -> dict[str, Any]:
             info["preprocess"] = f"required: quantize_static failed on the raw export ({short_error(first)})"
         info["quantize_seconds"] = time.perf_counter() - start
     info["ort_warnings"] = cap.messages
+    info["largest_activation_scales"] = activation_scales(out)
     if cap.messages and info["preprocess"].startswith("not run"):
         info["preprocess"] = "not run (not required; ORT only warns, see ort_warnings)"
     return info
@@ -471,6 +511,10 @@ LABELS = {
     "ort-static-qdq": "ORT quantize_static (QDQ)",
     "lowbit-w8a8": "lowbit w8a8",
 }
+QUANT_OPS = {
+    "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "QuantizeLinear",
+    "DequantizeLinear", "QLinearMatMul", "MatMulNBits", "GatherBlockQuantized", "QGemm", "DynamicQuantizeLSTM",
+}
 TITLES = {"smollm2-135m": "SmolLM2-135M (causal LM)", "all-minilm-l6-v2": "all-MiniLM-L6-v2 (encoder)"}
 
 
@@ -558,7 +602,33 @@ def notes(results: dict[str, Any]) -> list[str]:
                 out.append(f"- {rec['name']} / {LABELS[m]} failed: `{info['error']}`")
         st = rec["methods"].get("ort-static-qdq", {})
         if "preprocess" in st:
-            out.append(f"- {rec['name']} / ORT quantize_static: `quant_pre_process` {st['preprocess']}.")
+            pre = st["preprocess"].replace("see ort_warnings", "its warning is listed below")
+            out.append(f"- {rec['name']} / ORT quantize_static: `quant_pre_process` {pre}.")
+        sc = st.get("largest_activation_scales") or {}
+        if sc.get("top"):
+            t = sc["top"][0]
+            line = (f"- {rec['name']} / ORT quantize_static: largest activation scale {t['scale']:.3g} "
+                    f"(tensor `{t['tensor']}`, output of {t['producer']}); {sc['at_least_1e30']} of "
+                    f"{sc['quantized_activations']} quantized activations have a scale >= 1e30")
+            if sc["at_least_1e30"]:
+                line += (": MinMax calibration takes the float32-lowest entries of the additive attention mask at face "
+                         "value, so in every Add of attention scores and mask the real scores round to zero and "
+                         "attention becomes uniform over the unmasked positions")
+            out.append(line + ".")
+        for m in ("ort-dynamic", "ort-static-qdq"):
+            warns = rec["methods"].get(m, {}).get("ort_warnings") or []
+            if warns:
+                kinds = collections.Counter(re.sub(r"'[^']*'", "'…'", re.sub(r"https?://\S+", "<link>", w)) for w in warns)
+                out.append(f"- {rec['name']} / {LABELS[m]} warned: " + "; ".join(
+                    f"\"{k.rstrip(' .')}\"" + (f" (x{n})" if n > 1 else "") for k, n in kinds.items()) + ".")
+        kernels = []
+        for m in METHODS:
+            ops = rec["methods"].get(m, {}).get("ops")
+            if ops:
+                q = [f"{n} {op}" for op, n in ops.items() if op in QUANT_OPS]
+                kernels.append(f"{LABELS[m]}: {sum(ops.values())} nodes" + (f" ({', '.join(q)})" if q else ""))
+        if kernels:
+            out.append(f"- {rec['name']} graphs as saved (before ORT's own fusions): " + "; ".join(kernels) + ".")
         lb = rec["methods"].get("lowbit-w8a8", {})
         own = lb.get("lowbit_own_accuracy") or {}
         if "perplexity_increase" in own:
@@ -572,6 +642,8 @@ def notes(results: dict[str, Any]) -> list[str]:
 
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
+    reps = results["settings"]["repeats"]
+    tree = results.get("lowbit_tree", {})
     lines = [
         SECTION,
         "",
@@ -580,6 +652,11 @@ def markdown(results: dict[str, Any]) -> str:
         f"ONNX Runtime {results['versions']['onnxruntime']} (CPUExecutionProvider), lowbit {results['versions']['lowbit']}, "
         f"torch {results['versions']['torch']}, Python {m['python']}  ",
         f"Machine: {m['cores']} cores, {m['cpu']}, {m.get('memory_gb', '?')} GB RAM, int8 ISA: {', '.join(m.get('int8_isa', [])) or 'none'}  ",
+        f"Machine load (1-min load average, other jobs included) at start / end: "
+        f"{results.get('load_average_at_start', [float('nan')])[0]:.1f} / {results.get('load_average_at_end', [float('nan')])[0]:.1f}  ",
+        f"lowbit tree: commit {tree.get('commit', '?')}"
+        + (f" + uncommitted changes in {', '.join(tree['modified_files'])}" if tree.get("modified_files") else "")
+        + "  ",
         f"Total runtime: {results['total_seconds'] / 60:.1f} min",
         "",
         "All methods start from the same fp32 ONNX export (torch dynamo exporter via lowbit's frontend), "
@@ -590,7 +667,7 @@ def markdown(results: dict[str, Any]) -> str:
         "(MinMax, QInt8 activations and weights, all op types). lowbit: `recipe=\"w8a8\"` (int8 per-channel weights, "
         "int8 per-token dynamic activations). Latency: batch 1, intra_op_num_threads=2, ORT_ENABLE_ALL; "
         f"{results['settings']['rounds']} rounds with all methods interleaved (starting method rotated), each round "
-        f"the median of {results['settings']['repeats'][1]} (T=1) / {results['settings']['repeats'][128]} (T=128) runs; "
+        f"the median of {reps.get(1, reps.get('1'))} (T=1) / {reps.get(128, reps.get('128'))} (T=128) runs; "
         "the table shows the median of the round medians and the speedup vs fp32. Size: model.onnx + external data on disk. "
         "Quantize time: wall time of the quantization call, starting from the fp32 ONNX file.",
         "",
@@ -667,7 +744,20 @@ def main(argv: list[str] | None = None) -> int:
                         "(its own export, counted in its time)")
     p.add_argument("--lowbit-setting", type=parse_setting, action="append", metavar="PASS.OPTION=VALUE",
                    help="recipe option for lowbit (repeatable)")
+    p.add_argument("--render", type=Path, metavar="JSON",
+                   help="measure nothing: re-render the markdown (and the --results section) from a JSON this script wrote")
     args = p.parse_args(argv)
+
+    if args.render is not None:
+        results = json.loads(args.render.read_text())
+        md = markdown(results)
+        stem = args.render.stem
+        (args.render.parent / f"{stem}.md").write_text(md)
+        results_md = args.results if args.results is not None else (None if results["settings"].get("quick") else HERE / "RESULTS.md")
+        if results_md is not None:
+            update_results(results_md, md)
+        print(md)
+        return 0
 
     cfg = settings_for(args.quick)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -678,6 +768,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine_info(),
         "versions": versions(),
+        "lowbit_tree": git_state(),
+        "load_average_at_start": list(os.getloadavg()),
         "settings": cfg | {"seq_len": SEQ_LEN, "threads": THREADS, "quick": args.quick, "lowbit_source": args.lowbit_source},
         "models": {},
     }
@@ -694,6 +786,7 @@ def main(argv: list[str] | None = None) -> int:
         results["total_seconds"] = time.perf_counter() - T0
         (args.out / f"{stem}.json").write_text(json.dumps(jsonable(results), indent=2) + "\n")
     results["total_seconds"] = time.perf_counter() - T0
+    results["load_average_at_end"] = list(os.getloadavg())
     (args.out / f"{stem}.json").write_text(json.dumps(jsonable(results), indent=2) + "\n")
     md = markdown(results)
     (args.out / f"{stem}.md").write_text(md)

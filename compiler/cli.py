@@ -1,4 +1,4 @@
-"""The ``lowbit`` command line: compile, run, inspect, passes.
+"""The ``lowbit`` command line: compile, run, inspect, diff, explain, report, passes.
 
 Errors a user can fix print one line naming the cause and exit with status 2;
 ``--verbose`` adds the traceback.
@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-drop", type=_percent, help="fail if perplexity rises (or cosine falls) by more, e.g. 1%%")
     c.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads for evaluation and timing (default 2)")
     c.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    c.add_argument("--keep-reference", action="store_true",
+                   help="also keep the imported fp32 graph (reference.onnx) so 'lowbit explain' need not export again")
 
     r = sub.add_parser("run", help="run an artifact: generate text, or run inputs from an .npz")
     r.add_argument("artifact")
@@ -72,9 +74,50 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="show an artifact's manifest as tables")
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true", help="print the manifest JSON")
+    i.add_argument("--layers", action="store_true",
+                   help="one row per linear: precision, granularity, transforms, input ranges, measured error")
+    i.add_argument("--errors", action="store_true", help="measure where the error comes from (same as 'lowbit explain')")
+    _explain_options(i)
+
+    d = sub.add_parser("diff", help="what changed between two IRs: dumps, .onnx files or artifacts",
+                       description="lowbit diff A B (two .onnx files or artifact folders), lowbit diff DUMPDIR I J "
+                                   "(two stages of one --dump-ir folder), or lowbit diff DUMPDIR (what every pass did)")
+    d.add_argument("paths", nargs="+", metavar="A|DUMPDIR")
+    d.add_argument("--json", action="store_true", help="print the differences as JSON")
+    d.add_argument("--limit", type=int, default=40, help="rows shown per kind of change (default 40; --json has all)")
+
+    e = sub.add_parser("explain", help="per-layer error, pass-by-pass bisect, and promotions that would fix it")
+    e.add_argument("artifact")
+    e.add_argument("--json", action="store_true", help="print the results as JSON")
+    _explain_options(e)
+
+    rp = sub.add_parser("report", help="write a self-contained HTML report of an artifact")
+    rp.add_argument("artifact")
+    rp.add_argument("-o", "--output", help="HTML file (default: ARTIFACT/report.html)")
+    rp.add_argument("--no-explain", action="store_true",
+                    help="do not run 'lowbit explain' when its results are missing (no SQNR plots)")
+    _explain_options(rp)
 
     sub.add_parser("passes", help="list registered passes and their options")
     return parser
+
+
+def _explain_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", help="the model compiled, when the artifact keeps no reference.onnx and the manifest's source moved")
+    p.add_argument("--samples", type=int, help="held-out samples to measure on (default: all the compile used)")
+    p.add_argument("--candidates", type=int, default=12,
+                   help="measure the promotion of this many layers, those with the most local error, plus any layer "
+                        "writing a model output (default 12; 0: every layer)")
+    p.add_argument("--measure", action="append", default=[], metavar="GLOB",
+                   help="also measure the promotion of these layers (repeatable)")
+    p.add_argument("--suggest", type=int, default=3, help="promotions to suggest (default 3)")
+
+
+def _run_explain(args):
+    from lowbit.compiler.explain import explain
+
+    return explain(args.artifact, source=args.source, samples=args.samples, candidates=args.candidates,
+                   measure=args.measure, suggestions=args.suggest, progress=not args.quiet)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,6 +173,7 @@ def cmd_compile(args) -> int:
         threads=args.threads,
         measure_latency=not args.no_latency,
         progress=not args.quiet,
+        keep_reference=args.keep_reference,
     )
     print((result.path / "summary.txt").read_text(), end="")
     if not args.quiet:
@@ -159,10 +203,61 @@ def cmd_inspect(args) -> int:
     from lowbit.compiler.inspect import render
 
     manifest = load_manifest(args.artifact)
+    if args.errors:
+        return cmd_explain(args)
+    if args.layers:
+        from lowbit.compiler.explain import load_explain
+        from lowbit.compiler.inspect import layer_rows, render_layers
+
+        measured = load_explain(args.artifact)
+        if args.json:
+            print(json.dumps(layer_rows(manifest, measured), indent=2))
+        else:
+            render_layers(manifest, measured)
+        return 0
     if args.json:
         print(json.dumps(manifest, indent=2))
     else:
         render(manifest)
+    return 0
+
+
+def cmd_diff(args) -> int:
+    from pathlib import Path as _Path
+
+    from lowbit.compiler import diff
+
+    if len(args.paths) == 1 and _Path(args.paths[0]).is_dir() and not (_Path(args.paths[0]) / "model.onnx").exists():
+        rows = diff.diff_dump_folder(args.paths[0])
+        print(diff.to_json(rows)) if args.json else diff.render_stages(rows)
+        return 0
+    result = diff.diff_paths(args.paths)
+    print(diff.to_json(result)) if args.json else diff.render(result, limit=args.limit)
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from lowbit.compiler.explain import _finite, render
+
+    result = _run_explain(args)
+    if args.json:
+        print(json.dumps(_finite(result), indent=2))
+    else:
+        render(result)
+        print(f"results saved in {Path(args.artifact) / 'explain.json'} (read by 'lowbit inspect --layers' and 'lowbit report')")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from lowbit.compiler.explain import load_explain
+    from lowbit.compiler.report import write_report
+
+    measured = load_explain(args.artifact)
+    if measured is None and not args.no_explain:
+        print("running 'lowbit explain' first (per-layer error for the plots)...", file=sys.stderr)
+        measured = _run_explain(args)
+    out = write_report(args.artifact, args.output, explain=measured)
+    print(f"report: {out}")
     return 0
 
 
@@ -183,7 +278,15 @@ def cmd_passes(args) -> int:
     return 0
 
 
-COMMANDS = {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "passes": cmd_passes}
+COMMANDS = {
+    "compile": cmd_compile,
+    "run": cmd_run,
+    "inspect": cmd_inspect,
+    "diff": cmd_diff,
+    "explain": cmd_explain,
+    "report": cmd_report,
+    "passes": cmd_passes,
+}
 
 if __name__ == "__main__":
     raise SystemExit(main())

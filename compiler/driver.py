@@ -15,6 +15,7 @@ import datetime
 import importlib.metadata
 import logging
 import platform
+import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -66,6 +67,7 @@ def compile(  # noqa: A001 - the verb users expect
     threads: int = 2,
     measure_latency: bool = True,
     progress: bool = True,
+    keep_reference: bool = False,
 ) -> CompileResult:
     """Compile ``source`` (path to .onnx / HF folder / llama2.c .bin, or an nn.Module) into ``output``.
 
@@ -79,6 +81,8 @@ def compile(  # noqa: A001 - the verb users expect
             1 - cosine (other models) exceeds this fraction.
         example_inputs: inputs for an nn.Module source (also used as calibration data
             for models without a tokenizer).
+        keep_reference: also write the imported fp32 graph (with its debug ids) as
+            ``reference.onnx``, so ``lowbit explain`` need not export the source again.
     """
     start = time.perf_counter()
     recipe_obj = load_recipe(recipe)
@@ -96,6 +100,9 @@ def compile(  # noqa: A001 - the verb users expect
         assign_debug_ids(model)
         ref_path = Path(tmp) / "reference.onnx"
         ir.save(model, ref_path, external_data="reference.onnx.data", size_threshold_bytes=1024)
+        if keep_reference:
+            for f in Path(tmp).iterdir():
+                shutil.copyfile(f, writer.path / f.name)
         fp32_bytes = _weight_bytes(model)
 
         data = _prepare_data(model, adapter, recipe_obj, calib_data, eval_data, example_inputs)
@@ -131,6 +138,15 @@ def compile(  # noqa: A001 - the verb users expect
             "plan": (read_plan(model).to_json() if read_plan(model) else None),
             "layers": context.notes.get("layers", {}),
             "structure": context.notes.get("recognize", {}),
+            # what other passes recorded (smoothing alphas, rotation, ...), for inspect and report
+            "notes": {k: v for k, v in context.notes.items() if k not in ("layers", "recognize")},
+            # what `lowbit explain` needs to replay this compile
+            "reproduce": {
+                "source": _abspath(source),
+                "calib_data": _abspath(calib_data),
+                "eval_data": _abspath(eval_data),
+                "tokenizer": _abspath(tokenizer),
+            },
             "calibration": {
                 "source": data["source"],
                 "samples": len(data["calibration"]),
@@ -153,6 +169,13 @@ def compile(  # noqa: A001 - the verb users expect
         _check_drop(accuracy, max_drop)
         out = writer.commit(manifest, summary_text(manifest))
     return CompileResult(out, manifest)
+
+
+def _abspath(value: Any) -> str | None:
+    """An existing path made absolute (a compile may be explained from another folder); other values as text."""
+    if not isinstance(value, (str, Path)):
+        return None  # a module or tokenizer object: nothing a later process could reload
+    return str(Path(value).resolve()) if Path(value).exists() else str(value)
 
 
 def _prepare_data(model, adapter, recipe, calib_data, eval_data, example_inputs) -> dict[str, Any]:

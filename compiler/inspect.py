@@ -94,3 +94,98 @@ def render(m: dict[str, Any], console: Console | None = None) -> None:
                   f"{len(acts)} tensors observed")
     console.print(f"compiled in {m.get('compile_seconds')} s; files: "
                   + ", ".join(f"{k} ({v['bytes'] / 1e6:.2f} MB)" for k, v in m.get("files", {}).items()))
+
+
+# ---------------------------------------------------------------------------
+# lowbit inspect --layers: one row per linear, everything known about it
+# ---------------------------------------------------------------------------
+def _smoothing(notes: dict[str, Any]) -> dict[str, str]:
+    """Layer -> smoothing alpha (or why it was skipped), from the smooth pass's notes."""
+    out = {}
+    for key, rec in ((notes.get("smooth") or {}).get("groups") or {}).items():
+        if not isinstance(rec, dict):
+            continue
+        text = f"α={rec['alpha']:.2g}" if "alpha" in rec else "skipped"
+        for layer in str(key).split("+"):
+            out[layer] = text
+    return out
+
+
+def _rotation(notes: dict[str, Any]) -> dict[str, str]:
+    """Layer -> how the rotate pass transformed it ("in", "out", "online"), from its notes."""
+    rot = notes.get("rotate") or {}
+    if not rot or rot.get("refused"):
+        return {}
+    out: dict[str, list[str]] = {}
+    for kind, label in (("readers", "in"), ("writers", "out")):
+        for layer in rot.get(kind) or []:
+            out.setdefault(layer, []).append(label)
+    for layer in rot.get("online_down_proj") or {}:
+        out.setdefault(layer, []).append("online")
+    for layer in rot.get("per_head_v") or {}:
+        out.setdefault(layer, []).append("per-head")
+    return {k: "+".join(v) for k, v in out.items()}
+
+
+def layer_rows(m: dict[str, Any], explain: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Per planned linear: precision, granularity, algorithms, transforms, input statistics, measured error."""
+    plan = (m.get("plan") or {}).get("layers", {})
+    table = m.get("layers", {})
+    acts = (m.get("calibration") or {}).get("activations", {})
+    notes = m.get("notes") or {}
+    smooth, rotate = _smoothing(notes), _rotation(notes)
+    sens = m.get("sensitivity") or (notes.get("plan-mixed") or {}).get("sensitivity") or {}
+    measured = {r["name"]: r for r in (explain or {}).get("layers", [])}
+    # graph order: explain's, else the quantize pass's table (the plan's JSON is sorted by name)
+    order = {n: i for i, n in enumerate(sorted(measured, key=lambda n: measured[n]["order"]) if measured else table)}
+    rows = []
+    for name, lp in sorted(plan.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])):
+        info, ex = table.get(name, {}), measured.get(name, {})
+        tensor = info.get("input") or ex.get("input")
+        stats = acts.get(tensor) if tensor else None
+        rows.append({
+            "layer": name,
+            "precision": lp.get("precision"),
+            "granularity": lp.get("granularity", "-") if lp.get("precision") != "fp32" else "-",
+            "group_size": lp.get("group_size"),
+            "weight_algorithm": lp.get("weight_algorithm") if lp.get("precision") != "fp32" else "-",
+            "activations": lp.get("activations") if "activations" in info else "-",
+            "smoothing": smooth.get(name, "-"),
+            "rotation": rotate.get(name, "-"),
+            "input": tensor,
+            "input_absmax_max": stats.get("absmax_max") if stats else ex.get("input_absmax_max"),
+            "input_absmax_median": stats.get("absmax_median") if stats else ex.get("input_absmax_median"),
+            "input_outlier_ratio": stats.get("outlier_ratio") if stats else ex.get("input_outlier_ratio"),
+            "sensitivity": lp.get("sensitivity", sens.get(name)),
+            "weight_rel_error": info.get("weight_rel_error"),
+            "sqnr_local_db": ex.get("sqnr_local_db"),
+            "error_contribution": ex.get("contribution"),
+            "reason": lp.get("reason", ""),
+        })
+    return rows
+
+
+def render_layers(m: dict[str, Any], explain: dict[str, Any] | None = None, console: Console | None = None) -> None:
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=200)
+    rows = layer_rows(m, explain)
+    title = f"linear layers ({len(rows)})"
+    if explain is None:
+        title += " — error columns need `lowbit explain` (not run yet)"
+    t = Table(title=title)
+    cols = ("layer", "precision", "granularity", "weights", "acts", "smooth", "rotate", "input absmax max / median",
+            "outlier ratio", "sensitivity", "weight rel. err", "local SQNR dB", "error share", "reason")
+    for col in cols:
+        t.add_column(col, overflow="fold", no_wrap=col == "layer")
+    fmt = lambda v, f=".3g": "-" if v is None else format(v, f) if isinstance(v, (int, float)) else str(v)  # noqa: E731
+    for r in rows:
+        rng = "-" if r["input_absmax_max"] is None else f"{r['input_absmax_max']:.3g} / {r['input_absmax_median']:.3g}"
+        t.add_row(
+            r["layer"], r["precision"], f"group {r['group_size']}" if r["group_size"] else r["granularity"], r["weight_algorithm"], r["activations"],
+            r["smoothing"], r["rotation"], rng, fmt(r["input_outlier_ratio"], ".2f"), fmt(r["sensitivity"]),
+            fmt(r["weight_rel_error"], ".2e"), fmt(r["sqnr_local_db"], ".1f"),
+            "-" if r["error_contribution"] is None else f"{r['error_contribution']:.1%}", r["reason"],
+        )
+    console.print(t)

@@ -30,9 +30,12 @@ class PlanUniformPass(LowbitPass):
     (so a fed-back plan or an earlier planner wins), new layers are added.
 
     Options:
-        precision: precision of every linear: "w8a8", "w8a16" or "fp32".
+        precision: precision of every linear: "w8a8", "w8a16", "w4a16", "w4a8" or "fp32".
         activations: "dynamic" (per-token scales at run time) or "static" (calibrated, per tensor).
-        weight_algorithm: "rtn" (absmax) or "mse" (clipping searched per channel).
+        weight_algorithm: "rtn" (absmax), "mse" (clipping searched per scale) or "gptq" (needs calibration data).
+        group_size: weight scales per group of this many input features (a power of two >= 16); 0: per channel.
+        symmetric: symmetric weights (no zero point); false: unsigned codes with zero points.
+        act_order: GPTQ: quantize input features in order of decreasing Hessian diagonal.
         exclude: glob patterns of layer names kept in fp32.
         max_outlier_ratio: keep a layer in fp32 when its input's outlier ratio exceeds this (0: never).
         keep_float_top: keep the N layers with the largest input outlier ratio in fp32 (0: none).
@@ -47,16 +50,22 @@ class PlanUniformPass(LowbitPass):
         precision: str = "w8a8",
         activations: str = "dynamic",
         weight_algorithm: str = "rtn",
+        group_size: int = 0,
+        symmetric: bool = True,
+        act_order: bool = False,
         exclude: list[str] | None = None,
         max_outlier_ratio: float = 0.0,
         keep_float_top: int = 0,
         overrides: list[str] | None = None,
     ) -> None:
         super().__init__()
-        LayerPlan(precision=precision, activations=activations, weight_algorithm=weight_algorithm)  # validate
         self.precision = precision
         self.activations = activations
         self.weight_algorithm = weight_algorithm
+        self.group_size = group_size
+        self.symmetric = symmetric
+        self.act_order = act_order
+        self._layer_plan(precision, "")  # validate
         self.exclude = list(exclude or [])
         self.max_outlier_ratio = max_outlier_ratio
         self.keep_float_top = keep_float_top
@@ -89,14 +98,20 @@ class PlanUniformPass(LowbitPass):
                 precision, reason = "fp32", f"among the {self.keep_float_top} largest input outlier ratios ({ratio:.0f})"
             elif self.max_outlier_ratio and ratio is not None and ratio > self.max_outlier_ratio:
                 precision, reason = "fp32", f"input outlier ratio {ratio:.0f} > {self.max_outlier_ratio:g}"
-            plan.layers[lin.name] = LayerPlan(
-                precision=precision,
-                activations=self.activations,
-                weight_algorithm=self.weight_algorithm,
-                reason=reason,
-            )
+            plan.layers[lin.name] = self._layer_plan(precision, reason)
         if self.activations == "static" and not stats and self.precision == "w8a8":
             raise InputError("static activation quantization needs a calibrate pass before the plan")
         plan.apply_overrides(self.overrides)
         write_plan(model, plan)
         return ir.passes.PassResult(model, model.metadata_props.get("lowbit.plan") != before)
+
+    def _layer_plan(self, precision: str, reason: str) -> LayerPlan:
+        return LayerPlan(
+            precision=precision,
+            activations=self.activations,
+            weight_algorithm=self.weight_algorithm,
+            group_size=self.group_size or None,
+            symmetric=self.symmetric,
+            act_order=self.act_order,
+            reason=reason,
+        )

@@ -1,24 +1,48 @@
-"""Lower lowbit's quantized IR (QDQ form + plan) to ONNX Runtime's int8 kernels.
+"""Lower lowbit's quantized IR (QDQ form + plan) to ONNX Runtime's integer kernels.
 
-Input: linears whose weight is ``DequantizeLinear(W_q:int8, s, axis=1)`` (from
-``quantize-weights``), the plan on the model, and for static activations a
-``QuantizeLinear -> DequantizeLinear`` pair on the input. Output, per layer,
-the pattern ``benchmarks/ort_linear_kernels.py`` measured fastest (see
-``lowbit.backends.ort.qlinear``):
+Input: linears whose weight is ``DequantizeLinear(codes, scale[, zero_point])``
+(from ``quantize-weights``: per channel ``axis=1``, or blocked ``axis=0,
+block_size=g``; int8/uint8/int4/uint4 codes), the plan on the model, and for
+static activations a ``QuantizeLinear -> DequantizeLinear`` pair on the input.
+Output, per layer, the pattern measured fastest (``benchmarks/ort_linear_kernels.py``
+for int8, ``benchmarks/ort_nbits_kernels.py`` for 4-bit; see
+``lowbit.backends.ort.qlinear`` and ``lowbit.backends.ort.nbits``):
 
-* dynamic activations: per-token uint8 quantization at run time,
-  ``MatMulInteger`` (fused by ORT into ``MatMulIntegerToFloat``), the exact
-  zero-point correction and the scales;
-* static activations: ``QuantizeLinear(uint8) -> com.microsoft.MatMulIntegerToFloat``;
-* weight-only layers (no activation bits) keep ``DequantizeLinear -> MatMul``.
+* int8 per-channel symmetric weights with int8 activations (W8A8):
+  dynamic: per-token uint8 quantization at run time and
+  ``com.microsoft.MatMulIntegerToFloat`` with the exact zero-point correction;
+  static: ``QuantizeLinear(uint8) -> com.microsoft.MatMulIntegerToFloat``;
+* 4-bit weights (W4A16, W4A8), per group or per channel, symmetric or not:
+  ``com.microsoft.MatMulNBits`` (packed 4-bit weights, block = group size; a
+  per-channel weight repeats its scale in every block), ``accuracy_level`` 0
+  (fp32 compute) without activation bits, 4 (int8 activations per row and
+  K-block, quantized inside the kernel) with 8 activation bits;
+* 8-bit weights that are group-wise or asymmetric, with int8 activations:
+  ``MatMulNBits`` bits=8, ``accuracy_level`` 4;
+* 8-bit weight-only layers (W8A16) keep ``DequantizeLinear -> MatMul``.
+  ORT 1.32 itself rewrites that pair into ``MatMulNBits`` bits=8 at the session's
+  ``session.qdq_matmulnbits_accuracy_level`` (default 4, int8 activations); the
+  fp32-compute alternative (bits=8, accuracy_level 0) ran 30-100x *slower* than
+  the fp32 MatMul at T=1 and 2x slower at T=128 (``ort_nbits_kernels.py``,
+  ``w8a16_*_nbits_acc0``), so it is not written.
 
-Linears reading one tensor (Q/K/V, gate/up) then share one quantization of
-it: duplicate constants are merged and common subexpressions eliminated.
-The backend only lowers: precision and modes come from the plan.
+W4A8 by measurement (``ort_nbits_kernels.py``: 2 threads, SmolLM2-135M shapes,
+speedup over the fp32 MatMul): ``MatMulNBits`` at accuracy_level 4 ran 1.9-3.4x at
+T=1 and 0.9-1.6x at T=128, adding 1.2e-2 (block 32) to 2.3e-2 (block 128) relative
+error for its activation quantization; the int8 GEMM (4-bit codes stored as int8,
+per-token uint8 activations, ``MatMulIntegerToFloat``) 1.2-1.9x at T=1 and 2.5-3.1x at
+T=128, adding 4.3e-2, with twice the weight bytes, and exact only for per-channel
+weights. Decoding, where 4-bit weights pay, takes ``MatMulNBits`` (the default);
+``w4a8_kernel="int8-gemm"`` picks the other for prefill-heavy use.
+
+Linears reading one tensor (Q/K/V, gate/up) then share one quantization of it
+(int8 path): duplicate constants are merged and common subexpressions
+eliminated. The backend only lowers: precision and modes come from the plan.
 """
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import (
@@ -27,33 +51,77 @@ from onnx_ir.passes.common import (
     RemoveUnusedNodesPass,
 )
 
+from lowbit.backends.ort import nbits
 from lowbit.backends.ort.qlinear import emit_dynamic_per_token_linear, emit_static_linear
 from lowbit.compiler.errors import InputError
 from lowbit.compiler.irutil import replace_value
 from lowbit.compiler.passbase import LAYER_KEY, LowbitPass, carry_debug_id
 from lowbit.compiler.plan import read_plan
 from lowbit.compiler.registry import register_pass
+from lowbit.passes.quantize_weights import QuantizedWeight
+
+_BITS = {
+    ir.DataType.INT8: 8,
+    ir.DataType.UINT8: 8,
+    ir.DataType.INT4: 4,
+    ir.DataType.UINT4: 4,
+}
 
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
     return None if value is None or value.const_value is None else value.const_value.numpy()
 
 
-def quantized_weight(node: ir.Node) -> tuple[ir.Node, np.ndarray, np.ndarray] | None:
-    """(DequantizeLinear node, W_q, scale) if ``node`` is a MatMul on a per-channel int8 weight."""
+def _int_array(a: np.ndarray) -> np.ndarray:
+    """ml_dtypes int4/uint4 -> int8/uint8 (same values)."""
+    if a.dtype == ml_dtypes.int4:
+        return a.astype(np.int8)
+    if a.dtype == ml_dtypes.uint4:
+        return a.astype(np.uint8)
+    return a
+
+
+def weight_dequantize(node: ir.Node) -> tuple[ir.Node, QuantizedWeight] | None:
+    """(DequantizeLinear node, weight) if ``node`` is a MatMul on a constant quantized weight.
+
+    Accepts per-channel (``axis`` 1, scale ``[N]``) and blocked (``axis`` 0,
+    ``block_size`` g, scale ``[ceil(K/g), N]``) forms with int8/uint8/int4/uint4 codes. Signed
+    codes with a non-zero zero point are shifted into the unsigned form.
+    """
     w = node.inputs[1]
     dq = w.producer() if w is not None else None
     if dq is None or dq.op_type != "DequantizeLinear" or dq.domain != "":
         return None
-    w_q, scale = _const(dq.inputs[0]), _const(dq.inputs[1])
-    axis = dq.attributes.get("axis")
-    if w_q is None or scale is None or w_q.dtype != np.int8 or w_q.ndim != 2:
+    codes_v = dq.inputs[0]
+    if codes_v is None or codes_v.const_value is None or codes_v.const_value.dtype not in _BITS:
         return None
-    if len(dq.inputs) > 2 and dq.inputs[2] is not None and np.any(_const(dq.inputs[2])):
-        return None  # asymmetric weights: not lowered here
-    if scale.ndim != 1 or (axis.value if axis is not None else 1) not in (1, -1):
+    bits = _BITS[codes_v.const_value.dtype]
+    codes, scale = _int_array(_const(codes_v)), _const(dq.inputs[1])
+    zero = _const(dq.inputs[2]) if len(dq.inputs) > 2 else None
+    if scale is None or codes.ndim != 2 or (len(dq.inputs) > 2 and dq.inputs[2] is not None and zero is None):
         return None
-    return dq, w_q, scale
+    k, n = codes.shape
+    axis_attr, block_attr = dq.attributes.get("axis"), dq.attributes.get("block_size")
+    axis = axis_attr.value if axis_attr is not None else 1
+    block = block_attr.value if block_attr is not None else 0
+    if block == 0 and axis in (1, -1) and scale.shape == (n,):
+        group, scale = None, scale.reshape(1, n)
+    elif block > 0 and axis in (0, -2) and scale.shape == (-(-k // block), n):
+        group = block
+    else:
+        return None
+    if zero is not None:
+        zero = _int_array(zero).reshape(scale.shape)
+        if codes.dtype.kind == "i":
+            if not zero.any():
+                zero = None
+            else:  # signed codes with an offset: the same values as unsigned codes and zero points
+                shift = 2 ** (bits - 1)
+                codes = (codes.astype(np.int16) + shift).astype(np.uint8)
+                zero = (zero.astype(np.int16) + shift).astype(np.uint8)
+    elif codes.dtype.kind == "u":
+        zero = np.zeros(scale.shape, np.uint8)
+    return dq, QuantizedWeight(codes, scale.astype(np.float32), zero, bits, group)
 
 
 def static_activation(x: ir.Value) -> tuple[ir.Value, float, int] | None:
@@ -70,21 +138,67 @@ def static_activation(x: ir.Value) -> tuple[ir.Value, float, int] | None:
     return q.inputs[0], float(s.reshape(())), int(zp.reshape(()))
 
 
+def nbits_layout(qw: QuantizedWeight) -> tuple[int, np.ndarray, np.ndarray | None] | None:
+    """(MatMulNBits block size, scale, zero point per block) for ``qw``, or None.
+
+    A group of ``g`` becomes blocks of the largest power of two >= 16 dividing ``g`` (``g``
+    itself for the power-of-two groups the plan allows), a channel blocks of
+    :func:`nbits.per_channel_block_size`; scales and zero points repeat per block, so the
+    weight is represented exactly.
+    """
+    k = qw.codes.shape[0]
+    if qw.group_size is None:
+        block = nbits.per_channel_block_size(k)
+    else:
+        block = qw.group_size & -qw.group_size  # largest power of two dividing g
+        if block < 16:
+            return None
+        block = min(block, qw.group_size)
+    reps = qw.block // block if qw.group_size is not None else -(-k // block)
+    blocks = -(-k // block)
+    scale = np.repeat(qw.scale, reps, axis=0)[:blocks]
+    zero = None if qw.zero_point is None else np.repeat(qw.zero_point, reps, axis=0)[:blocks]
+    return block, scale, zero
+
+
 @register_pass
 class LowerToORTPass(LowbitPass):
-    """Rewrite planned W8A8 linears into ONNX Runtime's integer kernels.
+    """Rewrite planned quantized linears into ONNX Runtime's integer kernels.
 
     In place. Requires ``quantize-weights`` to have run (QDQ weights) and a plan.
 
     Options:
-        symmetric_tokens: per-token activation scales without zero point (faster, less exact than asymmetric).
+        token_zero_point: zero point of per-token activations: "shared" (one per tensor, calibrated from the rows' ranges: no correction pass after the GEMM), "per-token" (exact range of every row, plus a correction pass), or "symmetric" (128).
+        weight_only_accuracy_level: MatMulNBits accuracy_level for 4-bit weight-only layers (0/1 fp32, 4 int8 activations: faster prefill, not W4A16).
+        w4a8_kernel: "nbits" (MatMulNBits, int8 activations per row and block: fastest at T=1, most exact) or "int8-gemm" (per-channel symmetric 4-bit codes stored as int8 with per-token activations: ~2x faster at T=128, twice the weight bytes; other 4-bit weights stay on "nbits").
     """
 
     name = "lower-ort"
 
-    def __init__(self, *, symmetric_tokens: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        token_zero_point: str = "shared",
+        weight_only_accuracy_level: int = nbits.ACCURACY_FP32,
+        w4a8_kernel: str = "nbits",
+    ) -> None:
         super().__init__()
-        self.symmetric_tokens = symmetric_tokens
+        if weight_only_accuracy_level not in (0, 1, 2, 3, 4):
+            raise ValueError(f"weight_only_accuracy_level must be 0-4, not {weight_only_accuracy_level!r}")
+        if w4a8_kernel not in ("nbits", "int8-gemm"):
+            raise ValueError(f"w4a8_kernel must be 'nbits' or 'int8-gemm', not {w4a8_kernel!r}")
+        if token_zero_point not in ("shared", "per-token", "symmetric"):
+            raise ValueError(f"token_zero_point must be 'shared', 'per-token' or 'symmetric', not {token_zero_point!r}")
+        self.token_zero_point = token_zero_point
+        self.weight_only_accuracy_level = weight_only_accuracy_level
+        self.w4a8_kernel = w4a8_kernel
+
+    def _token_zero_point(self, x: ir.Value) -> dict:
+        if self.token_zero_point == "symmetric":
+            return {"symmetric": True}
+        obs = self.context.stats.get(x.name)
+        z = obs.shared_zero_point() if obs is not None and self.token_zero_point == "shared" else None
+        return {"zero_point": z} if z is not None else {}  # no calibration rows: exact per-token zero points
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         plan = read_plan(model)
@@ -93,34 +207,31 @@ class LowerToORTPass(LowbitPass):
         if model.graph.opset_imports.get("", 0) < 13:
             raise InputError(f"lower-ort needs default opset >= 13, the model has {model.graph.opset_imports.get('')}")
         graph = model.graph
-        lowered = 0
+        layers_notes = self.context.notes.get("layers", {})
+        kernels: dict[str, int] = {}
+        kept: dict[str, str] = {}
         for node in list(graph):
             if node.op_type != "MatMul" or node.domain != "":
                 continue
-            found = quantized_weight(node)
+            found = weight_dequantize(node)
             if found is None:
                 continue
-            dq, w_q, scale = found
+            dq, qw = found
             layer = dq.metadata_props.get(LAYER_KEY) or node.metadata_props.get(LAYER_KEY, node.name)
             lp = plan.layers.get(layer)
-            if lp is None or lp.activation_bits is None:
-                continue  # weight-only: DequantizeLinear -> MatMul stays
-            x = node.inputs[0]
-            static = static_activation(x) if lp.activations == "static" else None
-            if lp.activations == "static" and static is None:
-                raise InputError(f"layer {layer}: plan says static activations but its input has no QuantizeLinear/DequantizeLinear pair")
-            name = f"{layer}.lowered"
-            if static is not None:
-                x0, x_scale, x_zp = static
-                y = emit_static_linear(graph, x0, w_q, scale, x_scale, x_zp, name=name,
-                                       pass_name=type(self).__name__, insert_before=node)
-            else:
-                y = emit_dynamic_per_token_linear(graph, x, w_q, scale, name=name, symmetric=self.symmetric_tokens,
-                                                  pass_name=type(self).__name__, insert_before=node)
+            if lp is None:
+                continue
+            y, kernel = self._lower(graph, node, layer, lp, qw)
+            if y is None:
+                kept[layer] = kernel
+                continue
             carry_debug_id(node, y)
             replace_value(node.outputs[0], y)
             graph.remove(node, safe=True)
-            lowered += 1
+            kernels[kernel] = kernels.get(kernel, 0) + 1
+            if layer in layers_notes:
+                layers_notes[layer]["kernel"] = kernel
+        lowered = sum(kernels.values())
         if lowered:
             for n in graph:
                 if n.metadata_props.get("lowbit.pass") == type(self).__name__ and LAYER_KEY not in n.metadata_props:
@@ -129,5 +240,37 @@ class LowerToORTPass(LowbitPass):
             DeduplicateInitializersPass()(model)
             CommonSubexpressionEliminationPass()(model)
             RemoveUnusedNodesPass()(model)
-        self.context.notes["lower-ort"] = {"lowered": lowered}
+        self.context.notes["lower-ort"] = {"lowered": lowered, "kernels": kernels, "kept_qdq": kept}
         return ir.passes.PassResult(model, lowered > 0)
+
+    def _lower(self, graph: ir.Graph, node: ir.Node, layer: str, lp, qw: QuantizedWeight) -> tuple[ir.Value | None, str]:
+        """The lowered output and a kernel label; (None, reason) when the QDQ pair stays."""
+        x = node.inputs[0]
+        name = f"{layer}.lowered"
+        emit = {"pass_name": type(self).__name__, "insert_before": node, "name": name}
+        a8 = lp.activation_bits is not None
+        per_channel_sym = qw.group_size is None and qw.zero_point is None
+        int8_gemm = per_channel_sym and (qw.bits == 8 or (qw.bits == 4 and self.w4a8_kernel == "int8-gemm"))
+        if lp.activations == "static" and a8:
+            static = static_activation(x)
+            if static is None:
+                raise InputError(f"layer {layer}: plan says static activations but its input has no QuantizeLinear/DequantizeLinear pair")
+            if not (per_channel_sym and qw.bits == 8):
+                raise InputError(f"layer {layer}: static activations need a symmetric per-channel int8 weight, "
+                                 f"got {qw.bits}-bit {'per-group' if qw.group_size else 'per-channel'} "
+                                 f"{'asymmetric' if qw.zero_point is not None else 'symmetric'}")
+            x0, x_scale, x_zp = static
+            return emit_static_linear(graph, x0, qw.codes, qw.scale[0], x_scale, x_zp, **emit), "MatMulIntegerToFloat(static)"
+        if a8 and int8_gemm:
+            y = emit_dynamic_per_token_linear(graph, x, qw.codes, qw.scale[0], **self._token_zero_point(x), **emit)
+            return y, "MatMulIntegerToFloat(per-token)"
+        if qw.bits == 8 and not a8:
+            return None, "8-bit weight-only: DequantizeLinear -> MatMul (ORT fuses it)"
+        layout = nbits_layout(qw)
+        if layout is None:
+            return None, f"group size {qw.group_size} has no power-of-two block >= 16 for MatMulNBits"
+        block, scale, zero = layout
+        level = nbits.ACCURACY_INT8 if a8 else self.weight_only_accuracy_level
+        y = nbits.emit_matmul_nbits(graph, x, qw.codes, scale, zero, bits=qw.bits, block_size=block,
+                                    accuracy_level=level, **emit)
+        return y, f"MatMulNBits(bits={qw.bits}, block={block}, accuracy_level={level})"

@@ -103,3 +103,94 @@ def test_all_zero_channel_is_an_error_unless_kept():
     ref = run(mlp(), {"x": X})[0]  # channel 3 of "down" contributes 0 now; others stay close
     out = run(model, {"x": X})[0]
     assert np.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------------
+# 4-bit and group-wise weights
+# ---------------------------------------------------------------------------------------
+from lowbit.passes.quantize_weights import Grid, quantize_weight
+
+
+def _heavy(seed, k=96, n=24):
+    return np.random.default_rng(seed).standard_t(3, (k, n)).astype(np.float32)
+
+
+@pytest.mark.parametrize("group", [None, 16, 32])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_group_wise_rtn_error_is_at_most_half_a_step(group, symmetric):
+    w = _heavy(0)
+    w[48:64, 3] = 0.0  # an all-zero group (group 3 for size 16) quantizes exactly
+    qw = quantize_weight(w, 4, group_size=group, symmetric=symmetric)
+    g = group or w.shape[0]
+    assert qw.scale.shape == (-(-96 // g), 24) and qw.codes.shape == w.shape
+    assert qw.codes.dtype == (np.int8 if symmetric else np.uint8)
+    lo, hi = (-8, 7) if symmetric else (0, 15)
+    assert qw.codes.min() >= lo and qw.codes.max() <= hi
+    err = np.abs(qw.dequantize() - w)
+    assert (err <= qw.expand(qw.scale) / 2 + 1e-6).all()
+    if group == 16:
+        assert qw.scale[3, 3] == 1.0 and (qw.dequantize()[48:64, 3] == 0).all()
+    # smaller groups: smaller error
+    if group == 16:
+        coarse = quantize_weight(w, 4, group_size=64, symmetric=symmetric)
+        assert np.linalg.norm(qw.dequantize() - w) < np.linalg.norm(coarse.dequantize() - w)
+
+
+def test_symmetric_4bit_grid_uses_all_sixteen_levels():
+    g = Grid(4)
+    assert (g.qmin, g.qmax, g.half_range) == (-8, 7, 7.5)
+    s, z = g.params(np.array([-1.5]), np.array([0.5]))
+    assert np.isclose(s[0], 1.5 / 7.5) and z[0] == 0
+    assert Grid(8).qmin == -127 and Grid(8).half_range == 127  # int8 keeps the int8 GEMM's convention
+
+
+def test_asymmetric_zero_points_cover_the_range_and_keep_zero_exact():
+    rng = np.random.default_rng(2)
+    w = (rng.random((64, 8)) * 3 + 0.5).astype(np.float32)  # all positive: lo clamps to 0
+    w[:, 1] -= 4.0  # all negative
+    qw = quantize_weight(w, 4, group_size=32, symmetric=False)
+    assert qw.zero_point.dtype == np.uint8 and qw.zero_point.shape == (2, 8)
+    assert (qw.zero_point[:, 0] == 0).all() and (qw.zero_point[:, 1] == 15).all()
+    assert np.allclose(qw.scale[:, 0], w.reshape(2, 32, 8).max(axis=1)[:, 0] / 15)
+    # 0 is a level of every group: (z - z) * s
+    assert np.abs(qw.dequantize() - w).max() <= qw.scale.max() / 2 + 1e-6
+    sym = quantize_weight(w, 4, group_size=32)
+    assert np.linalg.norm(qw.dequantize() - w) < np.linalg.norm(sym.dequantize() - w)  # skewed groups
+
+
+def test_group_wise_mse_never_worse_than_rtn_and_partial_last_group():
+    w = _heavy(4, k=80)  # 80 = 2 groups of 32 + a partial group of 16
+    for sym in (True, False):
+        rtn = quantize_weight(w, 4, group_size=32, symmetric=sym)
+        mse = quantize_weight(w, 4, group_size=32, symmetric=sym, algorithm="mse")
+        assert rtn.scale.shape == (3, 24)
+        e_r = ((rtn.dequantize() - w) ** 2).reshape(-1)
+        e_m = ((mse.dequantize() - w) ** 2).reshape(-1)
+        per_group = lambda e: np.add.reduceat(e.reshape(80, 24), [0, 32, 64], axis=0)
+        assert (per_group(e_m) <= per_group(e_r) * (1 + 1e-5)).all() and e_m.sum() < 0.97 * e_r.sum()
+
+
+@pytest.mark.parametrize(("precision", "group", "symmetric", "dtype"), [
+    ("w4a16", 16, True, "INT4"), ("w4a16", 16, False, "UINT4"), ("w4a8", None, True, "INT4"),
+    ("w8a16", 16, False, "UINT8"), ("w8a8", 16, True, "INT8"),
+])
+def test_qdq_forms_run_and_match_the_quantized_weights(precision, group, symmetric, dtype):
+    model = mlp()
+    ref = run(model, {"x": X})[0]
+    PlanUniformPass(precision=precision, group_size=group or 0, symmetric=symmetric)(model)
+    q = QuantizeWeightsPass()
+    assert q(model).modified
+    dqs = [n for n in model.graph if n.op_type == "DequantizeLinear"]
+    assert len(dqs) == 3 and {n.inputs[0].const_value.dtype.name for n in dqs} == {dtype}
+    up = next(n for n in dqs if n.name == "up/weight_dq")
+    if group:
+        assert (up.attributes["axis"].value, up.attributes["block_size"].value) == (0, 16)
+        assert tuple(up.inputs[1].shape) == (1, 16)  # K=8 < 16: one partial group
+    else:
+        assert up.attributes["axis"].value == 1 and tuple(up.inputs[1].shape) == (16,)
+    assert (len(up.inputs) == 3) == (not symmetric)
+    entry = q.context.notes["layers"]["up"]
+    assert (entry["group_size"], entry["symmetric"], entry["weight_bits"]) == (group, symmetric, int(precision[1]))
+    out = run(model, {"x": X})[0]
+    bound = 0.2 if precision.startswith("w4") else 0.03
+    assert np.abs(out - ref).max() / np.abs(ref).max() < bound
