@@ -173,6 +173,8 @@ def _channel_plots(figs: _Figures, ex: dict[str, Any]) -> str:
             ax.legend(fontsize=7)
         else:
             ax.bar(ch, item["absmax"], width=1.0, color="#1f77b4")
+        if item["outlier_ratio"] > 30:  # a few channels orders of magnitude above the rest
+            ax.set_yscale("log")
         names = ", ".join(_short(n) for n in item["layers"][:3]) + (" ..." if len(item["layers"]) > 3 else "")
         ax.set_title(f"{names}  (max/median {item['outlier_ratio']:.1f})", fontsize=9)
         ax.set_xlabel("input channel", fontsize=8)
