@@ -41,12 +41,8 @@ import argparse
 import collections
 import datetime
 import gc
-import importlib.metadata
-import io
 import json
-import logging
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -58,21 +54,33 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import (
+    REPO,
+    T0,
+    THREADS,
+    CaptureWarnings,
+    WindowReader,
+    accuracy,
+    big_model,
+    export_fp32,
+    git_state,
+    jsonable,
+    latency_round_robin,
+    log,
+    machine_info,
+    onnx_disk_bytes,
+    op_counts,
+    parse_setting,
+    short_error,
+    update_results,
+    versions,
+)
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 SECTION = "## int8: lowbit w8a8 vs ONNX Runtime quantization"
 METHODS = ["fp32", "ort-dynamic", "ort-static-qdq", "lowbit-w8a8"]
 DEFAULT_MODELS = ["smollm2-135m", "all-minilm-l6-v2"]
 SEQ_LEN = 128
-THREADS = 2
-PROTOBUF_LIMIT = 1_800_000_000  # above this, write the fp32 model with external data
-
-T0 = time.perf_counter()
-
-
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -90,75 +98,8 @@ def settings_for(quick: bool) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------
-# Machine and versions
+# Helpers (the ones every benchmark shares are in _common.py)
 # ---------------------------------------------------------------------------------------
-def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "cores": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        fields: dict[str, str] = {}
-        for line in cpuinfo.splitlines():
-            if ":" in line:
-                k, v = (s.strip() for s in line.split(":", 1))
-                fields.setdefault(k, v)
-        model = fields.get("model name", platform.processor() or "unknown")
-        fam, mod = fields.get("cpu family"), fields.get("model")
-        info["cpu"] = f"{model} (family {fam}, model {mod})" if fam and mod else model
-        flags = set(fields.get("flags", "").split())
-        info["int8_isa"] = [f for f in ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-    except OSError:
-        info["cpu"] = platform.processor() or "unknown"
-    try:
-        mem = Path("/proc/meminfo").read_text().split("\n")[0].split()[1]
-        info["memory_gb"] = round(int(mem) / 1024**2, 1)
-    except (OSError, IndexError, ValueError):
-        pass
-    return info
-
-
-def versions() -> dict[str, str | None]:
-    out = {}
-    for p in ("lowbit", "onnxruntime", "onnx", "onnx-ir", "onnxscript", "torch", "transformers", "numpy"):
-        try:
-            out[p] = importlib.metadata.version(p)
-        except importlib.metadata.PackageNotFoundError:
-            out[p] = None
-    return out
-
-
-# ---------------------------------------------------------------------------------------
-# Helpers
-# ---------------------------------------------------------------------------------------
-def onnx_disk_bytes(path: Path) -> int:
-    """Bytes on disk of an ONNX model: the .onnx file plus every external data file it names."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    files = {path.resolve()}
-    tensors = list(model.graph.initializer)
-    for node in model.graph.node:  # Constant nodes can hold external data too
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                tensors.append(attr.t)
-    for t in tensors:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            loc = next((e.value for e in t.external_data if e.key == "location"), None)
-            if loc:
-                files.add((path.parent / loc).resolve())
-    return int(sum(f.stat().st_size for f in files if f.exists()))
-
-
-def op_counts(path: Path) -> dict[str, int]:
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return dict(collections.Counter(n.op_type for n in model.graph.node).most_common())
-
-
 def activation_scales(path: Path, top: int = 5) -> dict[str, Any]:
     """The largest per-tensor activation scales of a QDQ model (QuantizeLinear on a non-constant input)."""
     import onnx
@@ -185,93 +126,9 @@ def activation_scales(path: Path, top: int = 5) -> dict[str, Any]:
     }
 
 
-def git_state() -> dict[str, Any]:
-    import subprocess
-
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=30).stdout
-
-    try:
-        dirty = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines() if line.strip()]
-        return {"commit": git("rev-parse", "--short", "HEAD").strip(), "modified_files": dirty}
-    except (OSError, subprocess.SubprocessError):
-        return {}
-
-
-def short_error(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:400] if text else ''}"
-
-
-class CaptureWarnings:
-    """Collect the distinct log warnings ORT's quantization tool emits (it logs on the root logger)."""
-
-    def __enter__(self) -> CaptureWarnings:
-        self.stream = io.StringIO()
-        self.handler = logging.StreamHandler(self.stream)
-        self.handler.setLevel(logging.WARNING)
-        logging.getLogger().addHandler(self.handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        logging.getLogger().removeHandler(self.handler)
-
-    @property
-    def messages(self) -> list[str]:
-        lines = [line.strip() for line in self.stream.getvalue().splitlines() if line.strip()]
-        return list(dict.fromkeys(lines))
-
-
 # ---------------------------------------------------------------------------------------
 # The methods
 # ---------------------------------------------------------------------------------------
-def export_fp32(name: str, folder: Path) -> tuple[Path, Any, float]:
-    import onnx_ir as ir
-
-    from lowbit.compiler.frontend import load_source
-
-    start = time.perf_counter()
-    model_ir, adapter = load_source(name)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "model.onnx"
-    weight_bytes = sum(v.const_value.nbytes for v in model_ir.graph.initializers.values() if v.const_value is not None)
-    if weight_bytes > PROTOBUF_LIMIT:
-        ir.save(model_ir, path, external_data="model.onnx.data")
-    else:
-        # One self-contained file: lowbit.compile on an .onnx input with external data writes an
-        # artifact that still points at the source's data file for the initializers it leaves
-        # untouched (e.g. MiniLM's embeddings), so keep the shared fp32 file inline.
-        ir.save(model_ir, path)
-    seconds = time.perf_counter() - start
-    del model_ir
-    # The torch module is not needed any more (the adapter keeps tokenizer and make_inputs).
-    adapter.module = None
-    adapter.hf_model = None
-    gc.collect()
-    return path, adapter, seconds
-
-
-class WindowReader:
-    """ORT CalibrationDataReader over a fixed list of feeds."""
-
-    def __init__(self, feeds: list[dict[str, np.ndarray]]):
-        self.feeds = feeds
-        self.index = 0
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self.index >= len(self.feeds):
-            return None
-        self.index += 1
-        return self.feeds[self.index - 1]
-
-    def rewind(self) -> None:
-        self.index = 0
-
-
-def big_model(fp32: Path) -> bool:
-    return onnx_disk_bytes(fp32) > PROTOBUF_LIMIT
-
-
 def ort_dynamic(fp32: Path, folder: Path, ctx: dict[str, Any]) -> dict[str, Any]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -369,41 +226,6 @@ QUANTIZERS: dict[str, Callable[[Path, Path, dict[str, Any]], dict[str, Any]]] = 
 # ---------------------------------------------------------------------------------------
 # Measurement
 # ---------------------------------------------------------------------------------------
-def accuracy(task: str, ref_out: list[np.ndarray], out: list[np.ndarray], eval_ids: list[np.ndarray]) -> dict[str, Any]:
-    from lowbit.compiler import evaluate
-
-    if task == "causal-lm":
-        return evaluate.lm_metrics(ref_out, out, eval_ids)
-    return evaluate.output_metrics(ref_out, out)
-
-
-def latency_round_robin(
-    sessions: dict[str, Any], feeds: dict[int, dict[str, np.ndarray]], rounds: int, repeats: dict[int, int]
-) -> dict[str, Any]:
-    """Per T: every method's median latency per round; the methods run interleaved, the
-    starting method rotating each round, so machine noise hits all of them alike."""
-    from lowbit.compiler import evaluate
-
-    names = list(sessions)
-    result: dict[str, Any] = {}
-    for t, feed in feeds.items():
-        per: dict[str, list[float]] = {n: [] for n in names}
-        for r in range(rounds):
-            order = names[r % len(names):] + names[: r % len(names)]
-            for n in order:
-                per[n].append(evaluate.median_latency(sessions[n], feed, repeats=repeats[t], warmup=1) * 1e3)
-        result[f"T={t}"] = {
-            n: {"ms": float(np.median(v)), "best_round_ms": float(np.min(v)), "round_medians_ms": [round(x, 3) for x in v]}
-            for n, v in per.items()
-        }
-        base = result[f"T={t}"].get("fp32")
-        for n in names:
-            if base:
-                result[f"T={t}"][n]["speedup"] = base["ms"] / result[f"T={t}"][n]["ms"]
-        log(f"  latency T={t}: " + ", ".join(f"{n} {result[f'T={t}'][n]['ms']:.2f} ms" for n in names))
-    return result
-
-
 def bench_model(name: str, root: Path, cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     from lowbit.compiler.data import split_text
     from lowbit.compiler.ortsession import make_session
@@ -664,8 +486,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{results['settings']['eval_samples']} held-out windows of {SEQ_LEN} tokens (Python's `pydoc_data.topics` prose, "
         "split 80/20 by `lowbit.compiler.data.split_text`). Peers: `quantize_dynamic(per_channel=True, "
         "weight_type=QInt8)`; `quantize_static(quant_format=QDQ, per_channel=True)` with ORT's defaults otherwise "
-        "(MinMax, QInt8 activations and weights, all op types). lowbit: `recipe=\"w8a8\"` (int8 per-channel weights, "
-        "int8 per-token dynamic activations). Latency: batch 1, intra_op_num_threads=2, ORT_ENABLE_ALL; "
+        "(MinMax, QInt8 activations and weights, all op types). lowbit: `recipe=\"w8a8\"` (rotation, smoothing, int8 "
+        "per-channel weights, int8 activations quantized at run time per tensor or per token as calibration chose). Latency: batch 1, intra_op_num_threads=2, ORT_ENABLE_ALL; "
         f"{results['settings']['rounds']} rounds with all methods interleaved (starting method rotated), each round "
         f"the median of {reps.get(1, reps.get('1'))} (T=1) / {reps.get(128, reps.get('128'))} (T=128) runs; "
         "the table shows the median of the round medians and the speedup vs fp32. Size: model.onnx + external data on disk. "
@@ -701,37 +523,7 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_results(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\s*$.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text.rstrip("\n") + "\n")
-
-
-def jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    if isinstance(x, Path):
-        return str(x)
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    return x
-
-
 # ---------------------------------------------------------------------------------------
-def parse_setting(text: str) -> tuple[str, Any]:
-    key, _, value = text.partition("=")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help="lowbit model names (default: %(default)s)")

@@ -1,12 +1,12 @@
 """Error attribution on a real LLM: does ``lowbit explain`` find the layers that matter?
 
 SmolLM2-135M has real activation outliers (down_proj inputs with a few channels far above
-the rest); the ``w8a8`` recipe does not smooth them, and rotates only the residual stream
-(down_proj inputs are not rotated), so per-token int8 activations might hurt there. This
-script:
+the rest). With smoothing and rotation off (recipe ``w8a8-plain``: int8 weights per channel,
+int8 activations per token) nothing spreads them, so the question is whether the attribution
+finds them by itself. This script:
 
-1. compiles SmolLM2-135M with ``recipe="w8a8"`` (keeping ``reference.onnx`` so explain need
-   not export again);
+1. compiles SmolLM2-135M with ``--recipe`` (default ``w8a8-plain``; keeping ``reference.onnx``
+   so explain need not export again);
 2. runs ``lowbit explain`` on it: pass-by-pass bisect, per-layer SQNR, and the measured KL
    contribution of the candidate layers (lowest local SQNR, plus lm_head);
 3. checks whether explain's top 5 holds the down_proj layers whose inputs have the largest
@@ -16,7 +16,7 @@ script:
 
 Usage::
 
-    python benchmarks/explain_smollm2.py [--out benchmarks/out/explain_smollm2] [--samples 8] [--candidates 12] [--reuse] [--quick]
+    python benchmarks/explain_smollm2.py [--recipe w8a8-plain] [--out benchmarks/out/explain_smollm2] [--samples 8] [--candidates 12] [--reuse] [--quick]
     python benchmarks/explain_smollm2.py --render benchmarks/out/explain_smollm2/explain_smollm2.json   # markdown only
 
 Writes ``<out>/explain_smollm2.json`` and ``.md`` and replaces the section
@@ -33,12 +33,13 @@ import importlib.metadata
 import json
 import os
 import platform
-import re
 import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from _common import update_results
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## explain: error attribution on SmolLM2-135M"
@@ -57,11 +58,11 @@ def run(args) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"calibration.samples": 8, "evaluation.samples": 4} if args.quick else {}
-    art = out / "w8a8"
+    art = out / args.recipe
     times: dict[str, float] = {}
     if not (args.reuse and (art / "manifest.json").is_file()):
         t = time.perf_counter()
-        compile(MODEL, art, recipe="w8a8", settings=settings, measure_latency=False, keep_reference=True, progress=False)
+        compile(MODEL, art, recipe=args.recipe, settings=settings, measure_latency=False, keep_reference=True, progress=False)
         times["compile_s"] = time.perf_counter() - t
     manifest = json.loads((art / "manifest.json").read_text())
 
@@ -78,9 +79,9 @@ def run(args) -> dict[str, Any]:
     top5 = e["attribution"][:5]
     rows = {r["name"]: r for r in e["layers"]}
 
-    after = out / "w8a8-overridden"
+    after = out / f"{args.recipe}-overridden"
     t = time.perf_counter()
-    compile(MODEL, after, recipe="w8a8", settings=settings, overrides=e["suggested_overrides"], measure_latency=False, progress=False)
+    compile(MODEL, after, recipe=args.recipe, settings=settings, overrides=e["suggested_overrides"], measure_latency=False, progress=False)
     times["recompile_s"] = time.perf_counter() - t
 
     # the two compiles must differ by the overrides only (the repository may change in between)
@@ -89,6 +90,7 @@ def run(args) -> dict[str, Any]:
     same_recipe = strip(recipe_after) == strip(manifest["recipe"])
     return {
         "same_recipe": same_recipe,
+        "recipe": manifest["recipe"]["name"],
         "recipe_passes": [p["pass"] for p in manifest["recipe"]["passes"]],
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python benchmarks/explain_smollm2.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
@@ -134,7 +136,7 @@ def render(r: dict[str, Any]) -> str:
         f"{r['machine']['cores']} cores, load average {f(r['machine']['load_start'], '.1f')} / {f(r['machine']['load_end'], '.1f')} (start / end)  ",
         "Times: " + ", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in r["times"].items()) + "  ",
         "",
-        f"SmolLM2-135M, `recipe=\"w8a8\"` (passes: {', '.join(r['recipe_passes'])}). "
+        f"SmolLM2-135M, `recipe=\"{r.get('recipe', 'w8a8')}\"` (passes: {', '.join(r['recipe_passes'])}). "
         f"`lowbit explain` on {r['settings']['samples']} held-out windows of 128 tokens; promotions measured for "
         f"{len(r['candidates'])} of {r['layers']} linears (the {r['settings']['candidates']} with the lowest local SQNR, lm_head, "
         "and the 5 down_proj layers with the largest input absmax). "
@@ -174,10 +176,10 @@ def render(r: dict[str, Any]) -> str:
         "",
         "| | KL vs fp32 | perplexity (fp32 " + f(b["perplexity_fp32"], ".4g") + ") | top-1 agreement |",
         "|---|---|---|---|",
-        f"| w8a8 | {f(b['kl'])} | {f(b['perplexity'])} ({b['perplexity_increase']:+.2%}) | {b['top1_agreement']:.2%} |",
-        f"| explain, on its {r['settings']['samples']} windows: w8a8 → with the 3 overrides | {f(r['kl_explain_windows'])} → {f(r['kl_predicted'])} "
+        f"| {r.get('recipe', 'w8a8')} | {f(b['kl'])} | {f(b['perplexity'])} ({b['perplexity_increase']:+.2%}) | {b['top1_agreement']:.2%} |",
+        f"| explain, on its {r['settings']['samples']} windows: {r.get('recipe', 'w8a8')} → with the 3 overrides | {f(r['kl_explain_windows'])} → {f(r['kl_predicted'])} "
         f"({r['kl_predicted'] / r['kl_explain_windows'] - 1:+.1%}) | | |",
-        f"| w8a8 recompiled with the 3 overrides | {f(a['kl'])} | {f(a['perplexity'])} ({a['perplexity_increase']:+.2%}) | {a['top1_agreement']:.2%} |",
+        f"| {r.get('recipe', 'w8a8')} recompiled with the 3 overrides | {f(a['kl'])} | {f(a['perplexity'])} ({a['perplexity_increase']:+.2%}) | {a['top1_agreement']:.2%} |",
         "",
         ("" if r["same_recipe"] else "INVALID COMPARISON: the recipe changed between the two compiles. ")
         + f"{'PASS' if a['kl'] < b['kl'] else 'FAIL'}: the overrides lower the measured KL "
@@ -189,22 +191,13 @@ def render(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_results(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\s*$.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text.rstrip("\n") + "\n")
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipe", default="w8a8-plain", help="recipe to compile and explain (default w8a8-plain: no smoothing or rotation)")
     p.add_argument("--out", default=str(HERE / "out" / "explain_smollm2"))
     p.add_argument("--samples", type=int, default=8, help="held-out windows explain measures on (default 8)")
     p.add_argument("--candidates", type=int, default=12, help="layers whose promotion is measured (default 12)")
-    p.add_argument("--reuse", action="store_true", help="reuse the w8a8 artifact in --out if it is there")
+    p.add_argument("--reuse", action="store_true", help="reuse the artifact in --out if it is there")
     p.add_argument("--quick", action="store_true", help="smoke run: fewer samples; RESULTS.md untouched")
     p.add_argument("--results", type=Path, help="markdown file whose section to replace (default benchmarks/RESULTS.md)")
     p.add_argument("--render", type=Path, metavar="JSON", help="only re-render the markdown from a JSON this script wrote")

@@ -102,6 +102,23 @@ class TensorObserver:
         steps = np.maximum(r[None, :, 0] / (255 - z), -r[None, :, 1] / z)
         return int(np.argmin((steps**2).mean(axis=1))) + 1
 
+    def tensor_scale_bits(self) -> float | None:
+        """Resolution lost (bits) when one dynamic range covers a whole run instead of each row.
+
+        Over the observed rows, ``0.5 * log2(mean_r((R_run / R_r)^2))`` where ``R_r`` is a
+        row's range (clamped to hold 0) and ``R_run`` the range of the calibration batch
+        holding it (one run of the model): the mean increase of the quantization noise
+        power relative to per-row (per-token) scales. 0 when all rows of a run have the
+        same range; None without observed rows.
+        """
+        ratios = []
+        for batch in self.row_ranges:
+            span = batch[:, 0] - batch[:, 1]
+            run = batch[:, 0].max() - batch[:, 1].min()
+            ratios.append((run / span[span > 0]) ** 2)
+        ratios = np.concatenate(ratios) if ratios else np.empty(0)
+        return float(0.5 * np.log2(ratios.mean())) if ratios.size else None
+
     def outlier_ratio(self) -> float:
         """max / median of the per-channel absmax (large: a few outlier channels)."""
         if self.absmax is None:
@@ -119,6 +136,7 @@ class TensorObserver:
             "absmax_median": float(np.median(self.absmax)) if self.absmax is not None else 0.0,
             "outlier_ratio": round(self.outlier_ratio(), 2),
             "row_skew": round(self.row_skew(), 4),
+            "tensor_scale_bits": None if (b := self.tensor_scale_bits()) is None else round(b, 3),
             "p99.99": self.abs_percentile(99.99),
         }
 

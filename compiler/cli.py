@@ -58,7 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="change a recipe option, e.g. plan.activations=static (repeatable)")
     c.add_argument("--max-drop", type=_percent, help="fail if perplexity rises (or cosine falls) by more, e.g. 1%%")
     c.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads for evaluation and timing (default 2)")
+    # the mixed-precision planner (recipe "mixed"); each flag sets a plan-mixed option
+    c.add_argument("--budget", help="recipe mixed: size budget, e.g. 5.0bits (average bits per linear weight, scales "
+                                    "included) or 60MB (bytes of the artifact's weights)")
+    c.add_argument("--budget-latency", metavar="FRACTION",
+                   help="recipe mixed: latency budget, a fraction of the fp32 model's at 128 tokens, e.g. 0.5x")
+    c.add_argument("--max-kl", type=float, help="recipe mixed: the smallest plan whose predicted KL from fp32 is at most this")
+    c.add_argument("--max-ppl-increase", metavar="PERCENT",
+                   help="recipe mixed: the smallest plan whose predicted perplexity increase is at most this, e.g. 2%%")
+    c.add_argument("--plan", metavar="PLAN_JSON",
+                   help="recipe mixed: use this plan (an artifact's manifest.json or a plan JSON) instead of analysing")
     c.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    c.add_argument("--backend", choices=["onnxruntime", "ort", "tvm"], default="onnxruntime",
+                   help="onnxruntime (model.onnx, default) or tvm (lib.so + params.bin, run with the TVM runtime)")
+    c.add_argument("--target", default="llvm", help="--backend tvm: llvm (this CPU, default) or cuda")
+    c.add_argument("--arch", help="--backend tvm --target cuda: GPU architecture, e.g. sm_80, sm_90 (default sm_80)")
     c.add_argument("--keep-reference", action="store_true",
                    help="also keep the imported fp32 graph (reference.onnx) so 'lowbit explain' need not export again")
 
@@ -168,12 +182,13 @@ def cmd_compile(args) -> int:
         tokenizer=args.tokenizer,
         dump_ir=args.dump_ir,
         overrides=args.override,
-        settings=dict(args.set),
+        settings=dict(args.set) | _mixed_settings(args),
         max_drop=args.max_drop,
         threads=args.threads,
         measure_latency=not args.no_latency,
         progress=not args.quiet,
         keep_reference=args.keep_reference,
+        **_backend_options(args),
     )
     print((result.path / "summary.txt").read_text(), end="")
     if not args.quiet:
@@ -181,8 +196,36 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def _mixed_settings(args) -> dict[str, Any]:
+    """The mixed-precision flags as ``plan-mixed`` options."""
+    flags = {"budget": args.budget, "budget_latency": args.budget_latency, "max_kl": args.max_kl,
+             "max_ppl_increase": args.max_ppl_increase, "plan_file": args.plan}
+    given = {k: v for k, v in flags.items() if v is not None}
+    if given:
+        from lowbit.compiler.errors import InputError
+        from lowbit.compiler.recipe import load_recipe
+
+        if not any(p.name == "plan-mixed" for p in load_recipe(args.recipe).passes):
+            names = ", ".join("--" + ("plan" if k == "plan_file" else k.replace("_", "-")) for k in given)
+            verb = "needs" if len(given) == 1 else "need"
+            raise InputError(f"{names} {verb} a recipe with a plan-mixed pass (--recipe mixed); recipe {args.recipe!r} has none")
+    return {f"plan-mixed.{k}": v for k, v in given.items()}
+
+
+def _backend_options(args) -> dict[str, Any]:
+    backend = "onnxruntime" if args.backend == "ort" else args.backend
+    if backend == "onnxruntime":
+        return {} if args.target == "llvm" and not args.arch else {"target": args.target, "arch": args.arch}
+    return {"backend": backend, "target": args.target, "arch": args.arch}
+
+
 def cmd_run(args) -> int:
-    from lowbit.backends.ort.runtime import Artifact
+    from lowbit.compiler.artifact import load_manifest
+
+    if load_manifest(args.artifact).get("backend") == "tvm":
+        from lowbit.backends.tvm.runtime import Artifact
+    else:
+        from lowbit.backends.ort.runtime import Artifact
 
     art = Artifact(args.artifact, threads=args.threads or None)
     if args.prompt is not None:

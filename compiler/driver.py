@@ -39,6 +39,7 @@ from lowbit.models.tokenizers import save_tokenizer
 
 logger = logging.getLogger("lowbit")
 GENERATE_TOKENS = 32
+BACKENDS = ("onnxruntime", "tvm")
 
 
 @dataclasses.dataclass
@@ -68,6 +69,9 @@ def compile(  # noqa: A001 - the verb users expect
     measure_latency: bool = True,
     progress: bool = True,
     keep_reference: bool = False,
+    backend: str = "onnxruntime",
+    target: str = "llvm",
+    arch: str | None = None,
 ) -> CompileResult:
     """Compile ``source`` (path to .onnx / HF folder / llama2.c .bin, or an nn.Module) into ``output``.
 
@@ -83,15 +87,29 @@ def compile(  # noqa: A001 - the verb users expect
             for models without a tokenizer).
         keep_reference: also write the imported fp32 graph (with its debug ids) as
             ``reference.onnx``, so ``lowbit explain`` need not export the source again.
+        backend: "onnxruntime" (``model.onnx``) or "tvm" (``lib.so`` + ``params.bin``; the recipe's
+            ``lower-ort`` becomes ``lower-tvm``, see ``lowbit.backends.tvm.artifact``).
+        target / arch: TVM only: "llvm" or "cuda", and the CUDA architecture (``sm_80``, ``sm_90``...).
     """
     start = time.perf_counter()
     recipe_obj = load_recipe(recipe)
     for key, value in (settings or {}).items():
         recipe_obj.set_option(key, value)
     if overrides:
-        if not any(p.name == "plan" for p in recipe_obj.passes):
+        planners = list(dict.fromkeys(p.name for p in recipe_obj.passes if p.name in ("plan", "plan-mixed")))
+        if not planners:
             raise InputError(f"--override needs a 'plan' pass, recipe {recipe_obj.name!r} has none")
-        recipe_obj.set_option("plan.overrides", list(overrides))
+        for planner in planners:
+            recipe_obj.set_option(f"{planner}.overrides", list(overrides))
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
+    if backend == "tvm":
+        from lowbit.backends.tvm import artifact as tvm_artifact
+
+        tvm_artifact.check_available(target, arch)
+        tvm_artifact.prepare_recipe(recipe_obj)
+    elif arch or target != "llvm":
+        raise InputError("--target and --arch apply to --backend tvm only")
     passes = recipe_obj.build()
 
     with ArtifactWriter(output) as writer, tempfile.TemporaryDirectory(prefix="lowbit-ref-") as tmp:
@@ -112,13 +130,18 @@ def compile(  # noqa: A001 - the verb users expect
         if dump_ir:
             instruments.append(DumpIR(dump_ir))
         model = run_pipeline(model, passes, context=context, instruments=instruments)
-        writer.save_model(model)
+        backend_info, art_note = None, None
+        if backend == "tvm":
+            built = tvm_artifact.build_artifact(model, writer.path, target=target, arch=arch, threads=threads)
+            backend_info, art_note = built.info, built.note
+        else:
+            writer.save_model(model)
         compile_seconds = time.perf_counter() - start
 
         ref = make_session(ref_path, threads)
-        art = make_session(writer.path / MODEL, threads)
-        accuracy = _measure(ref, art, adapter, data)
-        latency = _latency(ref, art, adapter, data, model) if measure_latency else {}
+        art = built.session if backend == "tvm" else make_session(writer.path / MODEL, threads)
+        accuracy = _measure(ref, art, adapter, data) if art is not None else {"note": art_note}
+        latency = _latency(ref, art, adapter, data, model) if measure_latency and art is not None else {}
         tokenizer_info = save_tokenizer(adapter.tokenizer, writer.path / "tokenizer") if adapter is not None and adapter.tokenizer else None
 
         manifest = {
@@ -130,7 +153,7 @@ def compile(  # noqa: A001 - the verb users expect
                 "family": getattr(adapter, "family", None),
                 "task": getattr(adapter, "task", "generic"),
             },
-            "backend": "onnxruntime",
+            "backend": backend,
             "inputs": [_io(v) for v in model.graph.inputs],
             "outputs": [_io(v) for v in model.graph.outputs],
             "recipe": recipe_obj.resolved(),
@@ -166,6 +189,8 @@ def compile(  # noqa: A001 - the verb users expect
             "versions": {p: _version(p) for p in ("onnx", "onnxruntime", "onnx-ir", "onnxscript", "torch", "numpy")}
             | {"python": platform.python_version()},
         }
+        if backend_info is not None:
+            manifest["tvm"] = backend_info
         _check_drop(accuracy, max_drop)
         out = writer.commit(manifest, summary_text(manifest))
     return CompileResult(out, manifest)
@@ -344,6 +369,8 @@ def summary_text(m: dict[str, Any]) -> str:
             lines.append(f"greedy generation: {gen['matching_prefix']}/{gen['tokens']} tokens match fp32")
     elif "cosine_mean" in acc:
         lines.append(f"accuracy on {acc['samples']} held-out samples: cosine vs fp32 mean {acc['cosine_mean']:.5f}, min {acc['cosine_min']:.5f}")
+    elif acc.get("note"):
+        lines.append(f"accuracy: {acc['note']}")
     for label, row in lat.items():
         if isinstance(row, dict):
             lines.append(f"latency {label}: {row['ms']:.2f} ms vs fp32 {row['fp32_ms']:.2f} ms ({row['speedup']:.2f}x)")

@@ -62,8 +62,10 @@ def render(m: dict[str, Any], console: Console | None = None) -> None:
     layers = m.get("layers", {})
     acts = (m.get("calibration") or {}).get("activations", {})
     lt = Table(title="layers")
-    lt.add_column("layer", overflow="fold")
-    for col in ("precision", "activations", "weights", "weight scale (min/max)", "weight rel. error", "reason"):
+    lt.add_column("layer", overflow="fold", min_width=32)
+    measured = any("sensitivity" in lp for lp in plan.values())  # a mixed-precision plan
+    for col in ("precision", "activations", "weights", "weight scale (min/max)", "weight rel. error",
+                *(("sensitivity", "bits/weight", "latency ms") if measured else ()), "reason"):
         lt.add_column(col)
     for name, lp in plan.items():
         info = layers.get(name, {})
@@ -78,9 +80,13 @@ def render(m: dict[str, Any], console: Console | None = None) -> None:
             f"{lp['granularity']}, {'sym' if lp['symmetric'] else 'asym'}, {lp['weight_algorithm']}" if lp["precision"] != "fp32" else "-",
             f"{scale['min']:.3g} / {scale['max']:.3g}" if scale else "-",
             f"{info['weight_rel_error']:.2e}" if "weight_rel_error" in info else "-",
+            *(_measured_cells(lp) if measured else ()),
             lp.get("reason", ""),
         )
     console.print(lt)
+    mixed = (m.get("notes") or {}).get("plan-mixed")
+    if mixed:
+        console.print(_mixed_summary(mixed))
     skipped = (m.get("plan") or {}).get("skipped", {})
     if skipped:
         st = Table(title="not quantized")
@@ -94,6 +100,40 @@ def render(m: dict[str, Any], console: Console | None = None) -> None:
                   f"{len(acts)} tensors observed")
     console.print(f"compiled in {m.get('compile_seconds')} s; files: "
                   + ", ".join(f"{k} ({v['bytes'] / 1e6:.2f} MB)" for k, v in m.get("files", {}).items()))
+
+
+def _measured_cells(lp: dict[str, Any]) -> tuple[str, str, str]:
+    """Sensitivity (KL or 1 - cosine), bits per weight and latency of a mixed plan's layer."""
+    sens, cost = lp.get("sensitivity") or {}, lp.get("cost") or {}
+    value = sens.get("kl", sens.get("1-cosine"))
+    return (
+        "-" if value is None else f"{value:.3g}",
+        "-" if "bits_per_weight" not in cost else f"{cost['bits_per_weight']:.2f}",
+        "-" if cost.get("latency_ms") is None else f"{cost['latency_ms']:.3f} (T={cost.get('seq_len')})",
+    )
+
+
+def _mixed_summary(n: dict[str, Any]) -> str:
+    """One paragraph on a mixed-precision plan: budget, what it reached, predicted vs measured error."""
+    if n.get("analysis"):
+        return f"mixed precision: plan from {n.get('source')}; analysis {n['analysis']}"
+    b = n.get("budget") or {}
+    asked = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in b.items() if v) or "default"
+    a = n.get("achieved", {})
+    metric = n.get("metric", "kl").upper()
+    meas = (n.get("measured_calibration") or {}).get("metric")
+    lines = [
+        f"mixed precision: {asked}; reached {a.get('bits_per_weight', 0):.3f} bits per linear weight, "
+        f"{a.get('weight_bytes', 0) / 1e6:.3f} MB of weights"
+        + (f", predicted latency {a['predicted_latency_ratio']:.3f}x of fp32" if "predicted_latency_ratio" in a else ""),
+        f"  {metric} on calibration data: predicted (sum of per-layer sensitivities) {n['predicted']['metric']:.4g}, "
+        f"measured for the whole plan {meas:.4g}" if meas is not None else "",
+        "  " + ", ".join(f"{c}: {k}" for c, k in sorted(n.get("counts", {}).items())),
+        f"  analysis: {n['sensitivity']['layers']} layers x {n['sensitivity']['candidates']} candidates, "
+        f"{n['sensitivity']['runs']} runs measured, {n['sensitivity']['cached']} from the cache; "
+        f"{n['timings'].get('total', 0):.1f} s" if n.get("sensitivity") else "",
+    ]
+    return "\n".join(line for line in lines if line)
 
 
 # ---------------------------------------------------------------------------
@@ -156,13 +196,20 @@ def layer_rows(m: dict[str, Any], explain: dict[str, Any] | None = None) -> list
             "input_absmax_max": stats.get("absmax_max") if stats else ex.get("input_absmax_max"),
             "input_absmax_median": stats.get("absmax_median") if stats else ex.get("input_absmax_median"),
             "input_outlier_ratio": stats.get("outlier_ratio") if stats else ex.get("input_outlier_ratio"),
-            "sensitivity": lp.get("sensitivity", sens.get(name)),
+            "sensitivity": _sensitivity_value(lp.get("sensitivity", sens.get(name))),
             "weight_rel_error": info.get("weight_rel_error"),
             "sqnr_local_db": ex.get("sqnr_local_db"),
             "error_contribution": ex.get("contribution"),
             "reason": lp.get("reason", ""),
         })
     return rows
+
+
+def _sensitivity_value(value: Any) -> Any:
+    """A mixed plan records ``{"kl": ..., "dnll": ...}``: the table shows the KL (or 1 - cosine)."""
+    if isinstance(value, dict):
+        return value.get("kl", value.get("1-cosine"))
+    return value
 
 
 def render_layers(m: dict[str, Any], explain: dict[str, Any] | None = None, console: Console | None = None) -> None:

@@ -15,7 +15,6 @@ and the passes that ran before it.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path

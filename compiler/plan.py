@@ -28,7 +28,7 @@ PRECISIONS: dict[str, tuple[int | None, int | None]] = {
     "w4a16": (4, None),
     "w4a8": (4, 8),
 }
-ACTIVATION_MODES = ("dynamic", "static")
+ACTIVATION_MODES = ("dynamic", "dynamic-tensor", "static")
 WEIGHT_ALGORITHMS = ("rtn", "mse", "gptq")
 GRANULARITIES = ("per-channel", "per-group")
 
@@ -42,8 +42,11 @@ class LayerPlan:
         symmetric: symmetric weights (signed codes, no zero point); False gives
             unsigned codes with a zero point per scale.
         activations: "dynamic" (computed at run time: per token for int8 weights,
-            per row and K-block inside ORT's 4-bit kernel for w4a8) or "static"
-            (per tensor, calibrated); ignored without activation quantization.
+            per row and K-block inside ORT's 4-bit kernel for w4a8), "dynamic-tensor"
+            (one scale for the whole tensor, computed at run time: fewer operators,
+            as accurate as per token where the rows have similar ranges; int8 weights
+            only, 4-bit kernels quantize per row and block whatever this says) or
+            "static" (per tensor, calibrated); ignored without activation quantization.
         weight_algorithm: "rtn" (round to nearest at absmax), "mse" (clipping ratio
             searched per scale to minimise the weight's squared error) or "gptq"
             (error-compensating rounding against calibration inputs, Frantar et al.).
@@ -54,6 +57,10 @@ class LayerPlan:
             ORT's ``MatMulNBits`` (and every int4 GEMM kernel we know) takes.
         act_order: GPTQ only: quantize input features in order of decreasing
             Hessian diagonal (groups stay contiguous in the original order).
+        sensitivity: set by a mixed-precision planner: the final-output error measured
+            with this layer alone in this precision (``{"kl": ..., "dnll": ...}``).
+        cost: set by a mixed-precision planner: this layer's measured cost in this
+            precision (``{"bytes": ..., "bits_per_weight": ..., "latency_ms": ...}``).
 
     ``granularity`` ("per-channel" or "per-group") is derived from ``group_size``;
     it is written to JSON for readers, and accepted (checked) when read back.
@@ -66,6 +73,8 @@ class LayerPlan:
     reason: str = ""
     group_size: int | None = None
     act_order: bool = False
+    sensitivity: dict[str, float] | None = None
+    cost: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -105,7 +114,11 @@ class LayerPlan:
         return PRECISIONS[self.precision][1]
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) | {"granularity": self.granularity}
+        out = dataclasses.asdict(self) | {"granularity": self.granularity}
+        for key in ("sensitivity", "cost"):  # only a measuring planner sets them
+            if out[key] is None:
+                del out[key]
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> LayerPlan:

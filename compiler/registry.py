@@ -50,6 +50,7 @@ def _load_builtins() -> None:
         _BUILTINS_LOADED = True
         importlib.import_module("lowbit.passes")
         importlib.import_module("lowbit.backends.ort.lower")
+        importlib.import_module("lowbit.backends.tvm.lower")
 
 
 def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:

@@ -230,6 +230,63 @@ def _pareto(figs: _Figures, m: dict[str, Any]) -> str:
     return figs.png(fig)
 
 
+def _mixed(figs: _Figures, m: dict[str, Any]) -> str:
+    """The mixed-precision planner's curve (manifest ``notes["plan-mixed"]["pareto"]``): for plans solved at
+    several bit budgets, the predicted error (per-layer sensitivities added) and the error measured for the
+    whole plan, KL and perplexity increase, on calibration data; the compiled plan marked, with the
+    artifact's own held-out measurement."""
+    n = (m.get("notes") or {}).get("plan-mixed") or {}
+    pts = sorted((p for p in n.get("pareto") or [] if isinstance(p, dict)), key=lambda p: p["bits_per_weight"])
+    if not pts:
+        return ""
+    metric = "KL" if n.get("metric") == "kl" else n.get("metric", "error")
+    a, acc = n.get("achieved") or {}, m.get("accuracy") or {}
+    lm = all(p.get("predicted_dnll") is not None and p.get("measured_dnll") is not None for p in pts)
+    fig, axes = figs.plt.subplots(1, 2 if lm else 1, figsize=(11 if lm else 6.5, 4), squeeze=False)
+    ax = axes[0][0]
+    xs = [p["bits_per_weight"] for p in pts]
+    ax.plot(xs, [p["predicted"] for p in pts], "o--", color="#1f77b4", label="predicted (sum of sensitivities)")
+    ax.plot(xs, [p["measured"] for p in pts], "s-", color="#d62728", label="measured (whole plan)")
+    if a and n.get("measured_calibration"):
+        ax.plot([a["bits_per_weight"]], [n["measured_calibration"]["metric"]], "*", ms=16, color="#2ca02c",
+                label="compiled plan")
+    if a and "kl" in acc and metric == "KL":
+        ax.plot([a["bits_per_weight"]], [acc["kl"]], "D", ms=8, color="#9467bd", label="artifact, held-out data")
+    if all(p["predicted"] > 0 and p["measured"] > 0 for p in pts):
+        ax.set_yscale("log")
+    ax.set_xlabel("average bits per linear weight (scales included)")
+    ax.set_ylabel(f"{metric} vs fp32 (calibration data)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if lm:
+        ax2 = axes[0][1]
+        ax2.plot(xs, [100 * math.expm1(p["predicted_dnll"]) for p in pts], "o--", color="#1f77b4", label="predicted")
+        ax2.plot(xs, [100 * math.expm1(p["measured_dnll"]) for p in pts], "s-", color="#d62728", label="measured")
+        if a and "perplexity_increase" in acc:
+            ax2.plot([a["bits_per_weight"]], [100 * acc["perplexity_increase"]], "D", ms=8, color="#9467bd",
+                     label="artifact, held-out data")
+        ax2.set_xlabel("average bits per linear weight (scales included)")
+        ax2.set_ylabel("perplexity increase, %")
+        ax2.grid(alpha=0.3)
+        ax2.legend(fontsize=8)
+    fig.suptitle("mixed precision: error against budget")
+    rows = [[_f(p["bits_per_weight"], ".3f"), f"{p['weight_bytes'] / 1e6:.3f}", _f(p["predicted"]), _f(p["measured"]),
+             *([f"{math.expm1(p['predicted_dnll']):+.2%}", f"{math.expm1(p['measured_dnll']):+.2%}"] if lm else []),
+             _e(", ".join(f"{k} {v}" for k, v in sorted(p.get("counts", {}).items())))] for p in pts]
+    header = ["bits/weight", "weights MB", f"{metric} predicted", f"{metric} measured",
+              *(["ppl predicted", "ppl measured"] if lm else []), "layers"]
+    b = n.get("budget") or {}
+    asked = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in b.items() if v) or "default budget"
+    pred = (n.get("predicted") or {}).get("metric")
+    meas = (n.get("measured_calibration") or {}).get("metric")
+    text = (f"<p>Compiled plan ({_e(asked)}): {_f(a.get('bits_per_weight'), '.3f')} bits per linear weight, "
+            f"{metric} predicted {_f(pred)}, measured for the whole plan {_f(meas)} on {n.get('tokens', '?')} calibration "
+            f"tokens; the artifact measured {_f(acc.get('kl'))} on held-out data. Sensitivity analysis: "
+            f"{(n.get('sensitivity') or {}).get('layers', '?')} layers x {(n.get('sensitivity') or {}).get('candidates', '?')} "
+            f"candidates in {_f((n.get('timings') or {}).get('analysis'), '.1f')} s.</p>")
+    return text + figs.png(fig) + _table(header, rows, left=len(header) - 1)
+
+
 # ---------------------------------------------------------------------------
 # The page
 # ---------------------------------------------------------------------------
@@ -311,7 +368,7 @@ def build_html(m: dict[str, Any], explain: dict[str, Any] | None = None) -> str:
     sections.append("<h2>Activation ranges</h2>")
     chan = _channel_plots(figs, explain) if explain else ""
     sections.append(chan or _calibration_plot(figs, m) or '<p class="note">no calibration statistics</p>')
-    pareto = _pareto(figs, m)
+    pareto = _mixed(figs, m) or _pareto(figs, m)
     if pareto:
         sections += ["<h2>Mixed precision: Pareto curve</h2>", pareto]
     sections.append("<h2>Passes</h2>")

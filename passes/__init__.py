@@ -4,6 +4,7 @@ from lowbit.passes.calibrate import CalibratePass
 from lowbit.passes.canonicalize import CanonicalizePass
 from lowbit.passes.fold_norms import FoldNormScalesPass
 from lowbit.passes.plan import PlanUniformPass
+from lowbit.passes.plan_mixed import PlanMixedPrecisionPass
 from lowbit.passes.fuse_linears import FuseSharedInputLinearsPass
 from lowbit.passes.quantize_embeddings import QuantizeEmbeddingsPass
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
@@ -16,6 +17,7 @@ __all__ = [
     "CanonicalizePass",
     "FoldNormScalesPass",
     "PlanUniformPass",
+    "PlanMixedPrecisionPass",
     "FuseSharedInputLinearsPass",
     "QuantizeEmbeddingsPass",
     "QuantizeWeightsPass",

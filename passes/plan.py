@@ -31,7 +31,8 @@ class PlanUniformPass(LowbitPass):
 
     Options:
         precision: precision of every linear: "w8a8", "w8a16", "w4a16", "w4a8" or "fp32".
-        activations: "dynamic" (per-token scales at run time) or "static" (calibrated, per tensor).
+        activations: "dynamic" (per-token scales at run time), "dynamic-tensor" (one scale per tensor at run time) or "static" (calibrated, per tensor).
+        tensor_scale_max_bits: with dynamic activations, give a layer one run-time scale per tensor (fewer operators, ORT's DynamicQuantizeMatMul) when calibration shows that costs its input at most this many bits of resolution against per-token scales (0: never).
         weight_algorithm: "rtn" (absmax), "mse" (clipping searched per scale) or "gptq" (needs calibration data).
         group_size: weight scales per group of this many input features (a power of two >= 16); 0: per channel.
         symmetric: symmetric weights (no zero point); false: unsigned codes with zero points.
@@ -49,6 +50,7 @@ class PlanUniformPass(LowbitPass):
         *,
         precision: str = "w8a8",
         activations: str = "dynamic",
+        tensor_scale_max_bits: float = 0.0,
         weight_algorithm: str = "rtn",
         group_size: int = 0,
         symmetric: bool = True,
@@ -61,6 +63,7 @@ class PlanUniformPass(LowbitPass):
         super().__init__()
         self.precision = precision
         self.activations = activations
+        self.tensor_scale_max_bits = tensor_scale_max_bits
         self.weight_algorithm = weight_algorithm
         self.group_size = group_size
         self.symmetric = symmetric
@@ -98,7 +101,12 @@ class PlanUniformPass(LowbitPass):
                 precision, reason = "fp32", f"among the {self.keep_float_top} largest input outlier ratios ({ratio:.0f})"
             elif self.max_outlier_ratio and ratio is not None and ratio > self.max_outlier_ratio:
                 precision, reason = "fp32", f"input outlier ratio {ratio:.0f} > {self.max_outlier_ratio:g}"
-            plan.layers[lin.name] = self._layer_plan(precision, reason)
+            plan.layers[lin.name] = lp = self._layer_plan(precision, reason)
+            obs = stats.get(lin.x.name)
+            lost = obs.tensor_scale_bits() if obs is not None and self.tensor_scale_max_bits > 0 else None
+            if lp.activations == "dynamic" and lp.activation_bits is not None and lost is not None and lost <= self.tensor_scale_max_bits:
+                lp.activations = "dynamic-tensor"
+                lp.reason = f"{reason}; one activation scale per tensor ({lost:.2f} bits lost)"
         if self.activations == "static" and not stats and self.precision == "w8a8":
             raise InputError("static activation quantization needs a calibrate pass before the plan")
         plan.apply_overrides(self.overrides)

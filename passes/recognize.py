@@ -28,6 +28,8 @@ from lowbit.compiler.passbase import LAYER_KEY, LowbitPass
 from lowbit.compiler.registry import register_pass
 
 ROLE_KEY = "lowbit.role"
+#: role of the MatMuls of an online rotation (``rotate``): constant right operands, but not layers
+ONLINE_HADAMARD = "online_hadamard"
 
 
 @dataclasses.dataclass
@@ -101,6 +103,9 @@ def find_linears(graph: ir.Graph) -> tuple[list[Linear], dict[str, str]]:
             continue
         x, w = node.inputs[0], node.inputs[1]
         name = layer_name(node, node.name or (w.name or "matmul").removesuffix(".weight"))
+        if node.metadata_props.get(ROLE_KEY) == ONLINE_HADAMARD:
+            rejected[node.name] = "online Hadamard transform of a rotation (stays in float)"
+            continue
         reason = constant_weight(w)
         if reason is None and x is not None and x.const_value is not None:
             reason = "both inputs are constant"

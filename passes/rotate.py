@@ -36,9 +36,9 @@ Two optional extra rotations inside a block:
   Runtime has no fast Walsh-Hadamard kernel, so ``H = A ⊗ B`` with ``B`` a
   Sylvester Hadamard of size ``b`` (a power of two near ``√n``) and ``A``
   Hadamard-like of size ``a = n / b``; with ``x`` reshaped to ``V [.., a, b]``,
-  ``x H`` is ``Aᵀ V B``: two small MatMuls (and two Transposes, which keep
-  the constants on the left so the transform is never mistaken for a linear
-  layer), ``a + b`` multiply-adds per element (88 for SmolLM2's 1536 = 24·64,
+  ``x H`` is ``Aᵀ V B``: two small MatMuls and one Transpose (the channel
+  permutation that saves a second Transpose is folded into ``W_down'``), ``a + b``
+  multiply-adds per element (88 for SmolLM2's 1536 = 24·64,
   against 576 for down_proj itself), and every output channel still mixes all
   ``n`` inputs. A dense ``n x n`` transform would cost more than down_proj.
   A down_proj is a linear writing into the stream whose input an activation
@@ -68,7 +68,7 @@ from lowbit.compiler.irutil import add_initializer
 from lowbit.compiler.passbase import LowbitPass
 from lowbit.compiler.registry import register_pass
 from lowbit.passes.fold_norms import fold_model, is_linear, linear_readers, set_constant_input
-from lowbit.passes.recognize import ROLE_KEY, Norm, find_norms, layer_name
+from lowbit.passes.recognize import ONLINE_HADAMARD, ROLE_KEY, Norm, find_norms, layer_name
 
 _FUSED_RMS = ("SimplifiedLayerNormalization", "RMSNormalization")
 # ops that move a value-path tensor around without mixing channels of a head
@@ -624,39 +624,41 @@ class RotateResidualStreamPass(LowbitPass):
         return ir.passes.PassResult(model, True)
 
     def _online_transform(self, graph: ir.Graph, lin: ir.Node, factors: dict, rng: np.random.Generator) -> None:
-        """``x -> x (A ⊗ B)`` on ``lin``'s input, ``W' = (A ⊗ B)ᵀ W``; factors are shared per width.
+        """``x -> x (A ⊗ B)`` on ``lin``'s input, folded as ``W' = P (A ⊗ B)ᵀ W``; factors are shared per width.
 
-        With ``V = x`` viewed as ``[.., a, b]``, ``x (A ⊗ B) = Aᵀ V B = Aᵀ (Bᵀ Vᵀ)ᵀ``. Both
-        constants stand on the left of their MatMul, so recognition never takes the
-        transform for a linear layer to quantize.
+        With ``x`` viewed as ``V [.., a, b]``, ``x (A ⊗ B) = Aᵀ V B``. The graph computes
+        ``Z = (V B)ᵀ A`` (``[.., b, a]``: two MatMuls with constant right operands, which ORT
+        runs as single GEMMs over all rows, and one Transpose) and flattens it: that is
+        ``x (A ⊗ B)`` with its channels permuted (``z[q a + p] = y[p b + q]``), and the
+        permutation ``P`` is folded into ``W'``'s rows instead of transposing back. The
+        MatMuls carry the ``online_hadamard`` role, so recognition never takes them for
+        linear layers to quantize.
         """
         n = _k(lin)
         if n not in factors:
             a, b = online_factors(n, rng)
             dtype = lin.inputs[1].const_value.dtype.numpy()
-            at = add_initializer(graph, f"lowbit.online_hadamard.{n}.left_t", a.T.astype(dtype))
-            bt = add_initializer(graph, f"lowbit.online_hadamard.{n}.right_t", b.T.astype(dtype))
-            factors[n] = (a, b, at, bt)
-        a, b, at, bt = factors[n]
-        set_constant_input(graph, lin, 1, Rotation([a, b]).apply_t_left(_value(lin.inputs[1])))
+            factors[n] = (a, b, add_initializer(graph, f"lowbit.online_hadamard.{n}.left", a.astype(dtype)),
+                          add_initializer(graph, f"lowbit.online_hadamard.{n}.right", b.astype(dtype)))
+        a, b, a_init, b_init = factors[n]
+        na, nb = a.shape[0], b.shape[0]
+        perm = (np.arange(na)[None, :] * nb + np.arange(nb)[:, None]).reshape(-1)  # z[q*na + p] = y[p*nb + q]
+        set_constant_input(graph, lin, 1, Rotation([a, b]).apply_t_left(_value(lin.inputs[1]))[perm])
         x = lin.inputs[0]
-        prefix = f"{lin.name}/online_hadamard"
+        prefix = f"{layer_name(lin, lin.name)}/online_hadamard"
         rank = len(x.shape)
         lead = [0] * (rank - 1)  # Reshape's 0: keep that leading dimension
         swap = [*range(rank - 1), rank, rank - 1]  # the last two axes of the [.., a, b] view
-        split = add_initializer(graph, f"{prefix}.split", np.array([*lead, a.shape[0], b.shape[0]], np.int64))
+        split = add_initializer(graph, f"{prefix}.split", np.array([*lead, na, nb], np.int64))
         merge = add_initializer(graph, f"{prefix}.merge", np.array([*lead, n], np.int64))
         nodes = [ir.node("Reshape", [x, split], name=f"{prefix}/split")]
-        if b.shape[0] > 1:
-            nodes.append(ir.node("Transpose", [nodes[-1].outputs[0]], {"perm": swap}, name=f"{prefix}/t_in"))
-            nodes.append(ir.node("MatMul", [bt, nodes[-1].outputs[0]], name=f"{prefix}/right"))
-            nodes.append(ir.node("Transpose", [nodes[-1].outputs[0]], {"perm": swap}, name=f"{prefix}/t_out"))
-        if a.shape[0] > 1:
-            nodes.append(ir.node("MatMul", [at, nodes[-1].outputs[0]], name=f"{prefix}/left"))
+        nodes.append(ir.node("MatMul", [nodes[-1].outputs[0], b_init], name=f"{prefix}/right"))
+        nodes.append(ir.node("Transpose", [nodes[-1].outputs[0]], {"perm": swap}, name=f"{prefix}/transpose"))
+        nodes.append(ir.node("MatMul", [nodes[-1].outputs[0], a_init], name=f"{prefix}/left"))
         nodes.append(ir.node("Reshape", [nodes[-1].outputs[0], merge], name=f"{prefix}/merge"))
         for node in nodes:
             self.tag(node, layer_name(lin))
-            node.metadata_props[ROLE_KEY] = "online_hadamard"
+            node.metadata_props[ROLE_KEY] = ONLINE_HADAMARD
         graph.insert_before(lin, nodes)
         lin.replace_input_with(0, nodes[-1].outputs[0])
 

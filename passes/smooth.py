@@ -438,6 +438,7 @@ class SmoothActivationsPass(LowbitPass):
         bits: weight bits the search simulates (symmetric, per output channel).
         act_granularity: activation quantization the search simulates: "per-token" (dynamic) or "per-tensor" (static).
         other_uses: when X is also read by something other than the group's linears: "skip" the group, or "rescale" (those readers get Mul(X / s, s)).
+        min_gain: with the search, smooth a group only when its best alpha lowers the simulated output error by at least this fraction (0: any decrease).
     """
 
     name = "smooth"
@@ -452,6 +453,7 @@ class SmoothActivationsPass(LowbitPass):
         bits: int = 8,
         act_granularity: str = "per-token",
         other_uses: str = "skip",
+        min_gain: float = 0.0,
     ) -> None:
         super().__init__()
         grid = list(COARSE_GRID if alpha_grid is None else alpha_grid)
@@ -465,6 +467,8 @@ class SmoothActivationsPass(LowbitPass):
             raise ValueError(f"other_uses must be 'skip' or 'rescale', not {other_uses!r}")
         if not 2 <= bits <= 8:
             raise ValueError(f"bits must be in 2..8, not {bits}")
+        if not 0.0 <= min_gain < 1.0:
+            raise ValueError(f"min_gain must be in [0, 1), not {min_gain}")
         if max_rows < 1 or max_columns < 1:
             raise ValueError(f"max_rows and max_columns must be positive, not {max_rows}, {max_columns}")
         self.alpha = alpha
@@ -474,8 +478,11 @@ class SmoothActivationsPass(LowbitPass):
         self.bits = bits
         self.act_granularity = act_granularity
         self.other_uses = other_uses
+        self.min_gain = min_gain
 
     def requires(self, model: ir.Model) -> None:
+        if not find_linears(model.graph)[0]:
+            return  # nothing to smooth (the planner names that problem)
         if not self.context.stats:
             raise InputError("smooth needs calibration statistics: put a 'calibrate' pass before it")
         if not self.context.calibration_batches:
@@ -573,8 +580,9 @@ class SmoothActivationsPass(LowbitPass):
         }
         if g.rescale:
             record["rescaled_readers"] = [_label(n) for n in g.rescale]
-        if self.alpha is None and tried[best] >= before:
-            record = {"skipped": f"no alpha lowers the simulated error ({tried[best]:.3g} at alpha={best} vs {before:.3g} unsmoothed)",
+        if self.alpha is None and tried[best] >= before * (1.0 - self.min_gain):
+            why = "lowers the simulated error" if not self.min_gain else f"lowers the simulated error by {self.min_gain:.0%}"
+            record = {"skipped": f"no alpha {why} ({tried[best]:.3g} at alpha={best} vs {before:.3g} unsmoothed)",
                       **{k: v for k, v in record.items() if k != "alpha"}}
             return record, None
         s = smoothing_scales(x_absmax, w_absmax, best, src)

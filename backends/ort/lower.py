@@ -11,6 +11,8 @@ for int8, ``benchmarks/ort_nbits_kernels.py`` for 4-bit; see
 * int8 per-channel symmetric weights with int8 activations (W8A8):
   dynamic: per-token uint8 quantization at run time and
   ``com.microsoft.MatMulIntegerToFloat`` with the exact zero-point correction;
+  dynamic-tensor: ``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul``, which ORT
+  fuses into ``com.microsoft.DynamicQuantizeMatMul`` (one scale for the tensor);
   static: ``QuantizeLinear(uint8) -> com.microsoft.MatMulIntegerToFloat``;
 * 4-bit weights (W4A16, W4A8), per group or per channel, symmetric or not:
   ``com.microsoft.MatMulNBits`` (packed 4-bit weights, block = group size; a
@@ -42,6 +44,9 @@ eliminated. The backend only lowers: precision and modes come from the plan.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
@@ -52,7 +57,7 @@ from onnx_ir.passes.common import (
 )
 
 from lowbit.backends.ort import nbits
-from lowbit.backends.ort.qlinear import emit_dynamic_per_token_linear, emit_static_linear
+from lowbit.backends.ort.qlinear import emit_dynamic_per_tensor_linear, emit_dynamic_per_token_linear, emit_static_linear
 from lowbit.compiler.errors import InputError
 from lowbit.compiler.irutil import replace_value
 from lowbit.compiler.passbase import LAYER_KEY, LowbitPass, carry_debug_id
@@ -122,6 +127,22 @@ def weight_dequantize(node: ir.Node) -> tuple[ir.Node, QuantizedWeight] | None:
     elif codes.dtype.kind == "u":
         zero = np.zeros(scale.shape, np.uint8)
     return dq, QuantizedWeight(codes, scale.astype(np.float32), zero, bits, group)
+
+
+def planned_linears(graph: ir.Graph, plan) -> Iterator[tuple[ir.Node, str, Any, QuantizedWeight]]:
+    """``(MatMul, layer name, its LayerPlan, quantized weight)`` for every planned linear of
+    ``graph`` whose weight is a quantized constant (a snapshot: the caller may rewrite)."""
+    for node in list(graph):
+        if node.op_type != "MatMul" or node.domain != "":
+            continue
+        found = weight_dequantize(node)
+        if found is None:
+            continue
+        dq, qw = found
+        layer = dq.metadata_props.get(LAYER_KEY) or node.metadata_props.get(LAYER_KEY, node.name)
+        lp = plan.layers.get(layer)
+        if lp is not None:
+            yield node, layer, lp, qw
 
 
 def static_activation(x: ir.Value) -> tuple[ir.Value, float, int] | None:
@@ -210,17 +231,7 @@ class LowerToORTPass(LowbitPass):
         layers_notes = self.context.notes.get("layers", {})
         kernels: dict[str, int] = {}
         kept: dict[str, str] = {}
-        for node in list(graph):
-            if node.op_type != "MatMul" or node.domain != "":
-                continue
-            found = weight_dequantize(node)
-            if found is None:
-                continue
-            dq, qw = found
-            layer = dq.metadata_props.get(LAYER_KEY) or node.metadata_props.get(LAYER_KEY, node.name)
-            lp = plan.layers.get(layer)
-            if lp is None:
-                continue
+        for node, layer, lp, qw in planned_linears(graph, plan):
             y, kernel = self._lower(graph, node, layer, lp, qw)
             if y is None:
                 kept[layer] = kernel
@@ -261,6 +272,9 @@ class LowerToORTPass(LowbitPass):
                                  f"{'asymmetric' if qw.zero_point is not None else 'symmetric'}")
             x0, x_scale, x_zp = static
             return emit_static_linear(graph, x0, qw.codes, qw.scale[0], x_scale, x_zp, **emit), "MatMulIntegerToFloat(static)"
+        if a8 and int8_gemm and lp.activations == "dynamic-tensor":
+            y = emit_dynamic_per_tensor_linear(graph, x, qw.codes, qw.scale[0], **emit)
+            return y, "DynamicQuantizeMatMul(per-tensor)"
         if a8 and int8_gemm:
             y = emit_dynamic_per_token_linear(graph, x, qw.codes, qw.scale[0], **self._token_zero_point(x), **emit)
             return y, "MatMulIntegerToFloat(per-token)"

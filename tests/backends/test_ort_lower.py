@@ -186,3 +186,39 @@ def test_stories260k_4bit_recipes_end_to_end(shared_dir, tmp_path, recipe):
         or all(k.startswith("MatMulNBits(bits=4") for k in kernels)
     assert all(v["output_rel_error"] < v["output_rel_error_rtn"] for v in m["layers"].values())
     assert m["size"]["ratio"] < 0.4
+
+
+def test_dynamic_tensor_activations_run_as_dynamic_quantize_matmul(tmp_path):
+    """A plan entry "dynamic-tensor" lowers to the quantize_dynamic form, which ORT fuses into
+    DynamicQuantizeMatMul; the result is the per-tensor uint8 quantization of x times the int8 weight."""
+    model = quantized("w8a8", 0, True)
+    feeds = inputs(5)
+    plan_model = mlp(**SHAPE)
+    PlanUniformPass(activations="dynamic-tensor")(plan_model)
+    model.metadata_props["lowbit.plan"] = plan_model.metadata_props["lowbit.plan"]
+    w = {n.name: weight_dequantize(n)[1] for n in model.graph if n.op_type == "MatMul" and weight_dequantize(n)}
+    LowerToORTPass()(model)
+    assert ops(model).count("DynamicQuantizeLinear") == 2 and ops(model).count("MatMulInteger") == 3  # up/side share x
+    opts = session_options()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    out = sess.run(None, feeds)[0]
+    import onnx
+
+    # ORT's kernels: one DynamicQuantizeMatMul per single-reader input; a shared input is quantized
+    # once (DynamicQuantizeLinear) for two MatMulIntegerToFloat with scalar scales; no row statistics
+    run = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+    assert run.count("DynamicQuantizeMatMul") == 1 and run.count("DynamicQuantizeLinear") == 1
+    assert run.count("MatMulIntegerToFloat") == 2 and not {"ReduceMax", "ReduceMin", "QuantizeLinear"} & set(run)
+    # reference: numpy per-tensor asymmetric uint8 quantization of each linear's input
+    def qlin(x, qw):
+        lo, hi = min(x.min(), 0.0), max(x.max(), 0.0)
+        s = np.float32((hi - lo) / 255)
+        zp = np.clip(np.round(-lo / s), 0, 255)
+        q = np.clip(np.round(x / s) + zp, 0, 255)
+        return (q - zp) * s @ (qw.codes.astype(np.float32) * qw.scale)
+    x = feeds["x"]
+    xn = x / np.sqrt((x**2).mean(-1, keepdims=True) + 1e-5)
+    h = np.maximum(qlin(xn, w["up"]), 0)
+    ref = qlin(h, w["down"]) + qlin(xn, w["side"])
+    assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-3

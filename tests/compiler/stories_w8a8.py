@@ -1,5 +1,6 @@
-"""One stories260K w8a8 compile (with IR dumps and the kept reference), shared by the diff,
-explain, inspect and report tests so the suite compiles it once.
+"""One stories260K compile (recipe ``w8a8-plain``: int8 with no smoothing or rotation, the
+setting the error attribution is specified for; with IR dumps and the kept reference), shared
+by the diff, explain, inspect and report tests so the suite compiles it once.
 
 Not a conftest: the fixture lives in each test module and calls :func:`compiled`, which
 caches per process.
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from lowbit.compiler.cli import main
 
+RECIPE = "w8a8-plain"
 _CACHE: dict = {}
 
 
@@ -20,7 +22,7 @@ def compiled(shared_dir: Path, tmp_path_factory) -> Path:
         root = tmp_path_factory.mktemp("stories-w8a8")
         out, dump = root / "art", root / "dump"
         code = main([
-            "--quiet", "compile", str(shared_dir / "stories260K" / "stories260K.bin"), "-o", str(out), "--recipe", "w8a8",
+            "--quiet", "compile", str(shared_dir / "stories260K" / "stories260K.bin"), "-o", str(out), "--recipe", RECIPE,
             "--calib-data", str(shared_dir.parent / "data" / "tinystories.txt"), "--dump-ir", str(dump),
             "--no-latency", "--keep-reference",
         ])

@@ -60,3 +60,16 @@ def test_nan_is_named():
         check_inputs([{"x": np.array([np.nan], np.float32)}])
     with pytest.raises(CalibrationError, match="no calibration data"):
         check_inputs([])
+
+
+def test_tensor_scale_bits_measures_the_cost_of_one_range_per_run():
+    same = TensorObserver("same")
+    same.update(np.array([[[-1.0, 2.0], [2.0, -1.0]]], np.float32))  # every row spans [-1, 2]
+    assert same.tensor_scale_bits() == 0.0
+    mixed = TensorObserver("mixed")
+    mixed.update(np.array([[[-1.0, 1.0], [-4.0, 4.0]]], np.float32))  # one run: ranges 2 and 8, run range 8
+    mixed.update(np.array([[[0.0, 1.0], [0.0, 1.0]]], np.float32))  # another run: no loss
+    # rows' (run range / row range)^2: 16, 1, 1, 1 -> 0.5 * log2(19 / 4)
+    assert mixed.tensor_scale_bits() == pytest.approx(0.5 * np.log2(19 / 4))
+    assert TensorObserver("empty").tensor_scale_bits() is None
+    assert mixed.summary()["tensor_scale_bits"] == pytest.approx(0.5 * np.log2(19 / 4), abs=1e-3)

@@ -35,7 +35,7 @@ from lowbit.passes.calibrate import CalibratePass
 from lowbit.passes.plan import PlanUniformPass
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
 from lowbit.passes.recognize import RecognizeStructuresPass
-from tests.compiler.stories_w8a8 import compiled, explained
+from tests.compiler.stories_w8a8 import RECIPE, compiled, explained
 from tests.graphs import mlp
 
 
@@ -162,7 +162,7 @@ def test_suggested_overrides_lower_the_recompiled_kl(result, manifest, artifact,
     assert len(sugg) == 3 and all("=" in s for s in sugg)
     assert result["metric_with_suggestions"] < result["reproduced"]["artifact_metric"]
     out = tmp_path / "overridden"
-    args = ["--quiet", "compile", str(shared_dir / "stories260K" / "stories260K.bin"), "-o", str(out), "--no-latency",
+    args = ["--quiet", "compile", str(shared_dir / "stories260K" / "stories260K.bin"), "-o", str(out), "--no-latency", "--recipe", RECIPE,
             "--calib-data", str(shared_dir.parent / "data" / "tinystories.txt")]
     for s in sugg:
         args += ["--override", s]

@@ -8,7 +8,7 @@ def test_builtin_recipes_build_and_resolve():
     assert {"w8a8", "w8a8-static"} <= set(builtin_recipes())
     recipe = load_recipe("w8a8")
     passes = recipe.build()
-    assert [p.name for p in passes] == ["canonicalize", "fold-norms", "rotate", "recognize", "calibrate", "plan", "quantize-weights", "quantize-embeddings", "fuse-linears", "lower-ort"]
+    assert [p.name for p in passes] == ["canonicalize", "fold-norms", "rotate", "recognize", "calibrate", "smooth", "plan", "quantize-weights", "quantize-embeddings", "fuse-linears", "lower-ort"]
     resolved = recipe.resolved()
     plan = next(p for p in resolved["passes"] if p["pass"] == "plan")
     assert plan["activations"] == "dynamic" and plan["keep_float_top"] == 0  # defaults filled in
@@ -19,9 +19,9 @@ def test_set_option_and_errors(tmp_path):
     recipe = load_recipe("w8a8")
     recipe.set_option("plan.activations", "static")
     recipe.set_option("calibration.samples", 4)
-    assert recipe.build()[5].activations == "static" and recipe.calibration["samples"] == 4
-    with pytest.raises(InputError, match="has no pass 'smooth'"):
-        recipe.set_option("smooth.alpha", 0.5)
+    assert next(p for p in recipe.build() if p.name == "plan").activations == "static" and recipe.calibration["samples"] == 4
+    with pytest.raises(InputError, match="has no pass 'rotate'"):
+        load_recipe("w8a8-plain").set_option("rotate.seed", 1)
     with pytest.raises(InputError, match="no recipe 'w3a3'"):
         load_recipe("w3a3")
     bad = tmp_path / "bad.toml"

@@ -58,3 +58,28 @@ def test_plan_json_round_trip():
     _, plan = _planned(model, exclude=["side"])
     again = Plan.from_json(plan.to_json())
     assert again == plan
+
+
+def test_one_activation_scale_per_tensor_where_rows_have_similar_ranges():
+    from lowbit.compiler.calibration import TensorObserver
+
+    rng = np.random.default_rng(0)
+    similar, spread = TensorObserver("xn"), TensorObserver("hr")
+    rows = rng.standard_normal((1, 32, 8)).astype(np.float32)
+    similar.update(rows / np.abs(rows).max(axis=-1, keepdims=True))  # every row reaches +-1
+    spread.update(rows * np.exp(np.linspace(0, 4, 32, dtype=np.float32))[None, :, None])  # row ranges grow 55x
+    assert similar.tensor_scale_bits() < 0.6 < 2 < spread.tensor_scale_bits()
+    p = PlanUniformPass(tensor_scale_max_bits=1.0)
+    p.context.stats.update({"xn": similar, "hr": spread})
+    model = mlp()
+    p(model)
+    plan = read_plan(model)
+    modes = {k: v.activations for k, v in plan.layers.items()}
+    assert modes == {"up": "dynamic-tensor", "side": "dynamic-tensor", "down": "dynamic"}
+    assert "one activation scale per tensor (0." in plan.layers["up"].reason
+    # off by default, and never for layers without activation quantization
+    for opts in ({}, {"precision": "w8a16", "tensor_scale_max_bits": 1.0}):
+        q, model = PlanUniformPass(**opts), mlp()
+        q.context.stats.update({"xn": similar, "hr": spread})
+        q(model)
+        assert {v.activations for v in read_plan(model).layers.values()} == {"dynamic"}

@@ -103,6 +103,8 @@ def test_all_zero_channel_is_an_error_unless_kept():
     ref = run(mlp(), {"x": X})[0]  # channel 3 of "down" contributes 0 now; others stay close
     out = run(model, {"x": X})[0]
     assert np.isfinite(out).all()
+    others = [c for c in range(out.shape[-1]) if c != 3]
+    assert np.abs(out - ref)[..., others].max() < 0.05 * np.abs(ref).max()
 
 
 # ---------------------------------------------------------------------------------------

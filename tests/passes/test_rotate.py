@@ -16,7 +16,7 @@ from lowbit.passes.rotate import (
     hadamard_like,
     online_factors,
 )
-from tests.graphs import mlp, ops, run
+from tests.graphs import mlp, run
 from tests.passes.real_models import fresh, max_rel_diff, outputs, windows
 
 
@@ -142,7 +142,7 @@ def test_tiny_lm_weights_absorb_q_and_function_is_kept():
     np.testing.assert_allclose(run(model, IDS)[0], ref, rtol=1e-5, atol=1e-5)
 
 
-def test_online_down_proj_inserts_two_small_matmuls():
+def test_online_down_proj_inserts_two_small_matmuls_and_one_transpose():
     model = tiny_lm()
     ref = run(model, IDS)[0]
     context = CompileContext(stats={"act": object()})
@@ -150,9 +150,11 @@ def test_online_down_proj_inserts_two_small_matmuls():
     run_pipeline(model, [p], context=context, instruments=[Verify()])
     down = next(n for n in model.graph if n.name == "down")
     chain = [n for n in model.graph if n.name.startswith("down/online_hadamard")]
-    # 12 = 3 x 4: x (A ⊗ B) = Aᵀ (Bᵀ Vᵀ)ᵀ, constants on the left: no MatMul looks like a linear
-    assert [n.op_type for n in chain] == ["Reshape", "Transpose", "MatMul", "Transpose", "MatMul", "Reshape"]
-    assert [lin.name for lin in find_linears(model.graph)[0]] == ["up", "down", "head"]
+    # 12 = 3 x 4: x (A ⊗ B) permuted = ((V B)ᵀ A) flattened; the permutation is in down's rows
+    assert [n.op_type for n in chain] == ["Reshape", "MatMul", "Transpose", "MatMul", "Reshape"]
+    linears, rejected = find_linears(model.graph)
+    assert [lin.name for lin in linears] == ["up", "down", "head"]  # the transform's MatMuls are not layers
+    assert rejected["down/online_hadamard/right"].startswith("online Hadamard")
     assert chain[0].inputs[0].name == "act" and down.inputs[0] is chain[-1].outputs[0]
     assert all(n.metadata_props["lowbit.pass"] == "RotateResidualStreamPass" for n in chain)
     assert context.notes["rotate"]["online_down_proj"] == {"down": "3x3 ⊗ 4x4"}

@@ -91,6 +91,21 @@ def test_fixed_alpha_and_per_tensor_search():
     assert rec["alpha"] in (0.2, 0.5, 0.8) and rec["error_after"] < rec["error_before"]
 
 
+def test_min_gain_leaves_groups_whose_error_falls_less():
+    gain = lambda rec: 1 - rec["error_after"] / rec["error_before"]  # noqa: E731
+    rec = _smooth(mlp(outlier=50)).context.notes["smooth"]["groups"]["up+side"]
+    assert 0.5 < gain(rec) < 0.99
+    kept = _smooth(mlp(outlier=50), min_gain=0.5).context.notes["smooth"]["groups"]["up+side"]
+    assert kept["alpha"] == rec["alpha"]
+    model = mlp(outlier=50)
+    w1 = _const(model, "w1").copy()
+    skipped = _smooth(model, min_gain=0.99).context.notes["smooth"]["groups"]["up+side"]
+    assert skipped["skipped"].startswith("no alpha lowers the simulated error by 99%")
+    np.testing.assert_array_equal(_const(model, "w1"), w1)
+    with pytest.raises(ValueError, match="min_gain"):
+        SmoothActivationsPass(min_gain=1.0)
+
+
 def test_other_reader_of_x_skips_the_group_or_gets_the_scale_back():
     def with_extra_reader() -> ir.Model:
         model = mlp(outlier=50)

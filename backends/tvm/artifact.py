@@ -1,0 +1,87 @@
+"""The TVM side of ``lowbit.compile``: recipe lowering swap, build into the artifact, evaluation session.
+
+A recipe ends with ``lower-ort`` (ONNX Runtime's kernels). With ``--backend tvm`` the
+driver calls :func:`prepare_recipe`, which replaces that pass with ``lower-tvm``
+(keeping the one option both share, ``token_zero_point``), so one recipe serves both
+backends and the plan is the same. After the passes, :func:`build_artifact` compiles
+the lowered IR into the artifact folder and returns a session for the driver's
+verification against fp32 (None when the target cannot run here: CUDA without a GPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from lowbit.compiler.errors import InputError
+
+logger = logging.getLogger("lowbit")
+#: lower-ort options that lower-tvm also has (same meaning)
+_SHARED_OPTIONS = ("token_zero_point",)
+
+
+def prepare_recipe(recipe) -> None:
+    """Replace the recipe's ``lower-ort`` pass by ``lower-tvm`` (in place); error if it lowers nothing."""
+    from lowbit.compiler.recipe import PassSpec
+
+    names = [p.name for p in recipe.passes]
+    if "lower-tvm" in names:
+        return
+    if "lower-ort" not in names:
+        raise InputError(f"recipe {recipe.name!r} has no lowering pass (lower-ort or lower-tvm) for --backend tvm to replace")
+    for i, spec in enumerate(recipe.passes):
+        if spec.name == "lower-ort":
+            dropped = sorted(set(spec.options) - set(_SHARED_OPTIONS))
+            if dropped:
+                logger.info("--backend tvm: lower-ort options %s have no TVM counterpart and are ignored", dropped)
+            recipe.passes[i] = PassSpec("lower-tvm", {k: v for k, v in spec.options.items() if k in _SHARED_OPTIONS})
+
+
+@dataclasses.dataclass
+class Built:
+    info: dict[str, Any]
+    session: Any  # a runtime.Session, or None when the target cannot run on this machine
+    note: str | None = None
+
+
+def check_available(target: str, arch: str | None) -> None:
+    """Fail early (before the passes run) when TVM, the target, or nvcc is missing."""
+    try:
+        import tvm  # noqa: F401
+    except ImportError:
+        raise InputError("--backend tvm needs TVM: pip install 'lowbit[tvm]'") from None
+    from lowbit.backends.tvm import targets
+
+    targets.make_target(target, arch)
+    if target == "cuda":
+        from lowbit.backends.tvm import cuda
+
+        cuda.find_nvcc()
+
+
+def build_artifact(
+    model: ir.Model,
+    folder: Path,
+    *,
+    target: str = "llvm",
+    arch: str | None = None,
+    threads: int | None = None,
+) -> Built:
+    """Compile ``model`` (after ``lower-tvm``) into ``folder``; a session to verify it with, if it can run here."""
+    from lowbit.backends.tvm import build, runtime
+    from lowbit.backends.tvm.lower import is_lowered
+
+    if not is_lowered(model):
+        logger.info("no lowbit.tvm operator in the graph: nothing was quantized for TVM (float model)")
+    result = build.build(model, folder, target=target, arch=arch)
+    info = result.info
+    if info["target_kind"] == "cuda":
+        import tvm
+
+        if not tvm.cuda(0).exist:
+            return Built(info, None, "not measured: the artifact targets CUDA and this machine has no GPU")
+    return Built(info, runtime.Session(runtime.TVMModel(folder, meta=info, threads=threads)))

@@ -1,0 +1,233 @@
+"""Schedule and compile the Relax module; write the library, its parameters and metadata.
+
+Pipeline (one ``tvm.transform.Pass`` handed to ``tvm.compile``)::
+
+    FuseTransposeMatmul          x @ permute_dims(W) -> one NT matmul (weights are [N, K])
+    LegalizeOps                  Relax ops -> TIR PrimFuncs
+    AnnotateTIROpPattern, FoldConstant
+    FuseDecodeMatmul             lowbit_decode_* feeding a matmul -> one kernel (FuseOpsByPattern + FuseTIR)
+    AnnotateTIROpPattern, FuseOps, FuseTIR      elementwise prologues/epilogues
+    dlight                       default schedules for what is left
+    + the target's dataflow-lowering and finalisation passes (TVM's own lists)
+
+The default fusion would leave the 4-bit decode as a separate kernel writing the whole
+float weight; matching ``call_tir(decode) -> call_tir(matmul)`` and fusing the pair makes
+the matmul (a GEMV at one token) read the packed words directly.
+
+dlight rules: LLVM gets the CPU GEMV and reduction rules; CUDA the GPU rules
+(LowBatchGEMV, Matmul, GEMV, Reduction, GeneralReduction, Fallback). The tensor-core
+path of the GPU Matmul rule fails for int8 in TVM 0.27 (software-pipeline injection,
+``GetWmmaFragmentSize``), so int8 PrimFuncs are marked ``dlight.do_not_tensorize``: the
+int8 GEMM then runs as SIMT code that nvcc compiles to ``dp4a``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import tvm
+from tvm import relax, tirx
+from tvm.relax.dpl import GlobalVarPattern, TuplePattern, is_op, wildcard
+
+from lowbit.backends.tvm import kernels, targets
+from lowbit.backends.tvm.relax_import import to_relax
+
+logger = logging.getLogger("lowbit")
+LIB = "lib.so"
+PARAMS = "params.bin"
+
+
+@dataclasses.dataclass
+class BuildResult:
+    """What the build wrote and measured, for the manifest."""
+
+    files: list[str]
+    info: dict[str, Any]
+    executable: Any = None
+    params: list[np.ndarray] | None = None
+
+
+# --------------------------------------------------------------------------------------
+# Fusion of the 4-bit decode into its matmul
+# --------------------------------------------------------------------------------------
+def _callee(call) -> str:
+    gv = call.args[0] if isinstance(call, relax.Call) and call.args else None
+    return gv.name_hint if isinstance(gv, tvm.ir.GlobalVar) else ""
+
+
+def _decode_matmul_pattern(n_aux: int):
+    decode = is_op("relax.call_tir")(GlobalVarPattern(), TuplePattern([wildcard() for _ in range(n_aux)]),
+                                     add_constraint=False)
+    matmul = is_op("relax.call_tir")(GlobalVarPattern(), TuplePattern([wildcard(), decode]), add_constraint=False)
+
+    def check(ctx) -> bool:
+        d, m = ctx.annotated_expr["decode"], ctx.annotated_expr["matmul"]
+        return _callee(d).startswith(kernels.DECODE_PREFIX) and "matmul" in _callee(m)
+
+    return ("lowbit.decode_matmul", matmul, {"decode": decode, "matmul": matmul}, check)
+
+
+def fuse_decode_matmul() -> tvm.transform.Pass:
+    """Fuse each ``lowbit_decode_*`` PrimFunc into the matmul that reads its output."""
+    return tvm.transform.Sequential([
+        relax.transform.FuseOpsByPattern([_decode_matmul_pattern(2), _decode_matmul_pattern(3)],
+                                         bind_constants=False, annotate_codegen=False),
+        relax.transform.FuseTIR(),
+    ], name="FuseDecodeMatmul")
+
+
+@tvm.transform.module_pass(opt_level=0, name="MarkInt8NoTensorize")
+def _mark_int8_no_tensorize(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """GPU: keep dlight's Matmul rule off the tensor-core path for int8 PrimFuncs."""
+    out = tvm.IRModule(mod.functions, attrs=mod.attrs) if mod.attrs is not None else tvm.IRModule(mod.functions)
+    for gv, func in mod.functions.items():
+        if isinstance(func, tirx.PrimFunc) and 'int8"' in func.script():
+            out[gv] = func.with_attr("dlight.do_not_tensorize", True)
+    return out
+
+
+def dlight_rules(target: tvm.target.Target) -> list:
+    from tvm.s_tir import dlight as dl
+
+    if target.kind.name == "cuda":
+        return [dl.gpu.LowBatchGEMV(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+    return [dl.cpu.GEMV(), dl.cpu.Reduction()]
+
+
+def fusion_passes() -> list:
+    """Relax -> fused TIR, before any scheduling."""
+    return [
+        relax.transform.FuseTransposeMatmul(),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        fuse_decode_matmul(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        relax.transform.DeadCodeElimination(),
+    ]
+
+
+def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """The whole Relax pipeline for ``target`` (see the module docstring)."""
+    backend = _backend_module(target)
+
+    @tvm.transform.module_pass(opt_level=0, name="LowbitTVMPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with target:
+            passes = list(backend.library_dispatch_passes(target)) + fusion_passes()
+            if target.kind.name == "cuda":
+                passes.append(_mark_int8_no_tensorize)
+            passes.append(_default_schedule(target))
+            passes += list(backend.dataflow_lower_passes(target)) + list(backend.finalize_passes(target))
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline
+
+
+def _default_schedule(target: tvm.target.Target) -> tvm.transform.Pass:
+    """dlight's rules, one PrimFunc at a time: a function dlight cannot even open (TVM 0.27's
+    schedule state rejects some fused functions as ill-formed) keeps its unscheduled loops
+    instead of failing the build; such functions are logged and counted in ``UNSCHEDULED``."""
+    from tvm.s_tir import dlight as dl
+
+    @tvm.transform.module_pass(opt_level=0, name="LowbitDefaultSchedule")
+    def _apply(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        rules = dl.ApplyDefaultSchedule(*dlight_rules(target))
+        out = mod
+        for gv, func in list(mod.functions.items()):
+            if not isinstance(func, tirx.PrimFunc) or (func.attrs is not None and "tirx.is_scheduled" in func.attrs):
+                continue
+            try:
+                scheduled = rules(tvm.IRModule({gv: func}))
+            except Exception as e:  # noqa: BLE001 - TVM raises InternalError, ValueError...; the build goes on
+                logger.info("no default schedule for %s: %s", gv.name_hint, str(e).strip().splitlines()[-1][:200])
+                UNSCHEDULED.append(gv.name_hint)
+                continue
+            out[gv] = scheduled[gv]
+        return out
+
+    return _apply
+
+
+#: PrimFuncs of the last build that dlight could not schedule (see :func:`_default_schedule`)
+UNSCHEDULED: list[str] = []
+
+
+def _backend_module(target: tvm.target.Target):
+    if target.kind.name == "cuda":
+        from tvm.relax.backend.cuda import pipeline
+    else:
+        from tvm.relax.backend.cpu_generic import pipeline
+    return pipeline
+
+
+# --------------------------------------------------------------------------------------
+# Build + export
+# --------------------------------------------------------------------------------------
+def build(
+    model: ir.Model,
+    out_dir: str | os.PathLike,
+    *,
+    target: str = "llvm",
+    arch: str | None = None,
+) -> BuildResult:
+    """Compile the lowered ``model`` for ``target`` into ``out_dir`` (``lib.so``, ``params.bin``)."""
+    out = Path(out_dir)
+    tgt = targets.make_target(target, arch)
+    info: dict[str, Any] = {"target": targets.describe(tgt), "target_kind": tgt.kind.name}
+    t0 = time.perf_counter()
+    mod, names, arrays = to_relax(model)
+    info["import_seconds"] = round(time.perf_counter() - t0, 3)
+    t2 = time.perf_counter()
+    UNSCHEDULED.clear()
+    with warnings_quiet(), _device_context(tgt):
+        ex = tvm.compile(mod, target=tgt, relax_pipeline=relax_pipeline(tgt))
+    info["compile_seconds"] = round(time.perf_counter() - t2, 3)
+    info["unscheduled_kernels"] = list(UNSCHEDULED)
+    files = [LIB, PARAMS]
+    if tgt.kind.name == "cuda":
+        from lowbit.backends.tvm import cuda
+
+        info["cuda"] = cuda.export(ex, tgt, out)
+        files += info["cuda"]["files"]
+    else:
+        ex.export_library(str(out / LIB))
+    tvm.runtime.save_param_dict_to_file({n: tvm.runtime.tensor(a) for n, a in zip(names, arrays)}, str(out / PARAMS))
+    info["params"] = names
+    info["inputs"] = [v.name for v in model.graph.inputs]
+    info["outputs"] = [v.name for v in model.graph.outputs]
+    return BuildResult(files=files, info=info, executable=ex, params=arrays)
+
+
+def _device_context(target: tvm.target.Target):
+    if target.kind.name == "cuda":
+        from lowbit.backends.tvm import cuda
+
+        return cuda.device_compile(target)
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+class warnings_quiet:
+    """TVM prints Python warnings from its importer and pattern matcher; keep the CLI readable."""
+
+    def __enter__(self):
+        import warnings
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("ignore")
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)

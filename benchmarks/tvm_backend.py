@@ -1,0 +1,197 @@
+"""TVM backend side by side with ONNX Runtime: the same recipe and plan, two backends, on a real model.
+
+For one model (SmolLM2-135M by default), in one process and one run:
+
+1. export the fp32 ONNX once with lowbit's frontend; every compile starts from this file
+   (``lowbit.compile(fp32.onnx, tokenizer=...)``), so the plans are the same;
+2. compile each recipe (``w8a8`` by default; ``--recipes w8a8 w4a16``) twice:
+   ``--backend onnxruntime`` and ``--backend tvm --target llvm``, timing both; each compile
+   measures its artifact against fp32 (perplexity, KL, top-1, greedy generation) as usual;
+3. compare the two artifacts of a recipe with each other on the compiles' held-out windows
+   (top-1 agreement, KL(ORT || TVM)): the numbers the backends compute for the same plan;
+4. time one forward pass (batch 1, T=1 and T=128, 2 threads for both runtimes) of fp32 ORT
+   and every artifact, interleaved round-robin (``_common.latency_round_robin``).
+
+Usage::
+
+    python benchmarks/tvm_backend.py [--model smollm2-135m] [--recipes w8a8 w4a16] [--out benchmarks/out] [--quick]
+
+Status: with stories260K (``--model .../stories260K.bin``) the whole comparison runs; the
+TVM build of SmolLM2-135M stops in Relax's ``VMShapeLower`` (a symbolic dimension that TVM's
+ONNX importer introduces for the attention mask, ``s * range_len_0``, is never bound), so
+the default run has no TVM row yet.
+
+Writes ``<out>/tvm_backend.json`` and ``.md`` and replaces the section
+"## TVM backend: LLVM vs ONNX Runtime" of ``benchmarks/RESULTS.md``; ``--quick`` (fewer
+repeats, a smoke run) leaves RESULTS.md alone unless ``--results`` names a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")  # TVM's CPU thread pool, before TVM is imported
+
+import numpy as np  # noqa: E402
+from _common import (  # noqa: E402
+    HERE,
+    THREADS,
+    export_fp32,
+    git_state,
+    jsonable,
+    latency_round_robin,
+    log,
+    machine_info,
+    update_results,
+    versions,
+)
+
+SECTION = "## TVM backend: LLVM vs ONNX Runtime"
+
+
+def compile_both(fp32: Path, adapter, recipe: str, out: Path, reuse: bool = False) -> dict[str, Any]:
+    from lowbit.compiler.driver import compile as lowbit_compile
+
+    result = {}
+    for backend in ("onnxruntime", "tvm"):
+        folder = out / f"{recipe}-{backend}"
+        if reuse and (folder / "manifest.json").is_file():  # an artifact of an earlier run of this script
+            m = json.loads((folder / "manifest.json").read_text())
+            seconds = float(m["compile_seconds"])
+        else:
+            start = time.perf_counter()
+            res = lowbit_compile(str(fp32), folder, recipe=recipe, backend=backend, tokenizer=adapter.tokenizer,
+                                 measure_latency=False, progress=False, threads=THREADS)
+            seconds = time.perf_counter() - start
+            m = res.manifest
+        acc = m["accuracy"]
+        result[backend] = {
+            "path": folder,
+            "compile_seconds": round(seconds, 1),
+            "tvm_build_seconds": (m.get("tvm") or {}).get("compile_seconds"),
+            "perplexity": acc.get("perplexity"),
+            "perplexity_fp32": acc.get("perplexity_fp32"),
+            "perplexity_increase": acc.get("perplexity_increase"),
+            "kl_vs_fp32": acc.get("kl"),
+            "top1_vs_fp32": acc.get("top1_agreement"),
+            "greedy_matching_prefix": (acc.get("generation") or {}).get("matching_prefix"),
+            "weight_bytes": m["size"]["weight_bytes"],
+            "kernels": (m["notes"].get("lower-tvm") or m["notes"].get("lower-ort") or {}).get("kernels"),
+        }
+        log(f"  {recipe} {backend}: {seconds:.0f} s, perplexity {acc.get('perplexity'):.4g} "
+            f"(fp32 {acc.get('perplexity_fp32'):.4g}), greedy {result[backend]['greedy_matching_prefix']}/32")
+    return result
+
+
+def backend_agreement(ort_dir: Path, tvm_dir: Path, feeds: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    from lowbit.backends.tvm.runtime import TVMModel
+    from lowbit.compiler.evaluate import log_softmax
+    from lowbit.compiler.ortsession import make_session
+
+    ort_s, tvm_m = make_session(ort_dir / "model.onnx", THREADS), TVMModel(tvm_dir)
+    agree, kls, diffs = [], [], []
+    for feed in feeds:
+        ref = ort_s.run(None, {"input_ids": feed["input_ids"]})[0].astype(np.float64)
+        got = tvm_m.run({"input_ids": feed["input_ids"]})["logits"].astype(np.float64)
+        agree.append(ref.argmax(-1) == got.argmax(-1))
+        lp, lq = log_softmax(ref), log_softmax(got)
+        kls.append((np.exp(lp) * (lp - lq)).sum(-1))
+        diffs.append(np.abs(ref - got).max() / np.abs(ref).max())
+    return {"top1_agreement": float(np.concatenate(agree, None).mean()), "kl": float(np.concatenate(kls, None).mean()),
+            "max_rel_logit_diff": float(max(diffs)), "windows": len(feeds)}
+
+
+def markdown(r: dict[str, Any]) -> str:
+    lines = [SECTION, "",
+             f"{r['model']}, {r['date']}, {r['machine'].get('cpu')}, {THREADS} threads for both runtimes "
+             f"(load average at start {r['loadavg'][0]:.1f}). `python benchmarks/tvm_backend.py"
+             f"{' --quick' if r['settings']['quick'] else ''}`.", "",
+             "| recipe | backend | compile s | perplexity (fp32) | KL vs fp32 | top-1 vs fp32 | greedy match | T=1 ms | T=128 ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lat = r["latency"]
+    fp = {t: lat[t]["fp32"]["ms"] for t in lat}
+    lines.append(f"| fp32 | onnxruntime | – | {r['perplexity_fp32']:.4g} | – | – | – | {fp['T=1']:.2f} | {fp['T=128']:.2f} |")
+    for recipe, both in r["recipes"].items():
+        for backend, row in both["compiled"].items():
+            key = f"{recipe}-{backend}"
+            lines.append(
+                f"| {recipe} | {backend} | {row['compile_seconds']:.0f} | {row['perplexity']:.4g} | {row['kl_vs_fp32']:.2e} | "
+                f"{row['top1_vs_fp32']:.2%} | {row['greedy_matching_prefix']}/32 | {lat['T=1'][key]['ms']:.2f} | {lat['T=128'][key]['ms']:.2f} |")
+    lines += ["", "TVM against ONNX Runtime, same plan, held-out windows:", "",
+              "| recipe | top-1 agreement | KL(ORT ‖ TVM) | max relative logit difference |", "|---|---|---|---|"]
+    for recipe, both in r["recipes"].items():
+        a = both["agreement"]
+        lines.append(f"| {recipe} | {a['top1_agreement']:.2%} | {a['kl']:.2e} | {a['max_rel_logit_diff']:.2e} |")
+    lines += ["", "TVM LLVM kernels are dlight's default CPU schedules (GEMV, reductions) with no tuning; "
+              "MetaSchedule tuning (`--tune`) is not part of the backend yet, so no tuned-vs-untuned row.", ""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m", help="lowbit model name or path (default smollm2-135m)")
+    p.add_argument("--recipes", nargs="+", default=["w8a8"])
+    p.add_argument("--out", type=Path, default=HERE / "out")
+    p.add_argument("--quick", action="store_true", help="fewer latency repeats (smoke run)")
+    p.add_argument("--reuse", action="store_true", help="keep artifacts an earlier run left in OUT/tvm_backend (same export)")
+    p.add_argument("--results", type=Path, help="markdown file whose TVM section to replace (default RESULTS.md; none with --quick)")
+    args = p.parse_args(argv)
+
+    from lowbit.backends.tvm.runtime import Session, TVMModel
+    from lowbit.compiler.ortsession import make_session
+
+    work = args.out / "tvm_backend"
+    r: dict[str, Any] = {"model": args.model, "date": datetime.date.today().isoformat(), "machine": machine_info(),
+                         "versions": versions() | {"apache-tvm": _version("apache-tvm")}, "git": git_state(),
+                         "loadavg": os.getloadavg(), "settings": {"quick": args.quick, "threads": THREADS}, "recipes": {}}
+    log(f"exporting {args.model}")
+    fp32, adapter, export_s = export_fp32(args.model, work / "fp32")
+    r["export_seconds"] = round(export_s, 1)
+    from lowbit.compiler.data import split_text
+
+    split = split_text(adapter.tokenizer, calib_data=None, eval_data=None, calib_samples=32, eval_samples=8, seq_len=128)
+    windows = [adapter.make_inputs([w]) for w in split.evaluation]  # the compiles' own held-out windows
+    sessions: dict[str, Any] = {"fp32": make_session(fp32, THREADS)}
+    for recipe in args.recipes:
+        log(f"compiling {recipe} for both backends")
+        compiled = compile_both(fp32, adapter, recipe, work, reuse=args.reuse)
+        agreement = backend_agreement(compiled["onnxruntime"]["path"], compiled["tvm"]["path"], windows)
+        log(f"  TVM vs ORT: top-1 {agreement['top1_agreement']:.2%}, KL {agreement['kl']:.2e}")
+        r["recipes"][recipe] = {"compiled": compiled, "agreement": agreement}
+        r["perplexity_fp32"] = compiled["onnxruntime"]["perplexity_fp32"]
+        sessions[f"{recipe}-onnxruntime"] = make_session(compiled["onnxruntime"]["path"] / "model.onnx", THREADS)
+        sessions[f"{recipe}-tvm"] = Session(TVMModel(compiled["tvm"]["path"], threads=THREADS))
+    feeds = {t: adapter.make_inputs([[1 + (i % 100) for i in range(t)]]) for t in (1, 128)}
+    rounds, repeats = (2, {1: 5, 128: 2}) if args.quick else (5, {1: 20, 128: 5})
+    log("latency (round robin)")
+    r["latency"] = latency_round_robin(sessions, feeds, rounds, repeats)
+    stem = "tvm_backend_quick" if args.quick else "tvm_backend"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.json").write_text(json.dumps(jsonable(r), indent=2) + "\n")
+    md = markdown(r)
+    (args.out / f"{stem}.md").write_text(md)
+    results = args.results if args.results is not None else (None if args.quick else HERE / "RESULTS.md")
+    if results is not None:
+        update_results(results, md)
+    print(md)
+    return 0
+
+
+def _version(package: str) -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

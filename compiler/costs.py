@@ -1,0 +1,192 @@
+"""What each candidate costs a linear of a given shape: bytes, and measured latency.
+
+Both come from one small ONNX model per (shape, candidate): the linear alone,
+compiled by ``quantize-weights`` and ``lower-ort`` exactly as in an artifact
+(:func:`lowbit.compiler.candidates.lower_linear`, random weights). Its bytes are
+the initializers the lowered layer stores (codes, scales, zero points, the
+constants of its kernel); its latency is the median wall time of ONNX Runtime
+running it on ``[1, T, K]`` inputs with a fixed thread count, minus the time of
+the same session running an empty model (the fixed cost of a call, paid once per
+model run, not once per layer).
+
+Results go into a cost table, a JSON file a user can keep and reuse across models
+(shapes recur: every Llama of hidden size 576 has the same projections). Entries
+are keyed by backend, ONNX Runtime version, CPU, threads, T, K, N and candidate:
+numbers from another machine are never mixed in. Default location:
+``~/.cache/lowbit/costs.json`` (``$LOWBIT_CACHE`` moves the folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from lowbit.compiler.calibration import TensorObserver
+from lowbit.compiler.candidates import Candidate, lower_linear, weight_bytes
+from lowbit.compiler.ortsession import session_for
+
+COST_TABLE_VERSION = 1
+BACKEND = "onnxruntime"
+#: seconds of timed runs per measurement (at least MIN_REPEATS runs)
+TIME_TARGET_S = 0.25
+MIN_REPEATS = 5
+
+
+def default_cost_table() -> Path:
+    return Path(os.environ.get("LOWBIT_CACHE") or Path.home() / ".cache" / "lowbit") / "costs.json"
+
+
+def device_key(threads: int) -> str:
+    """The machine an entry was measured on: backend, versions, CPU model, threads."""
+    cpu = _cpu_model()
+    return f"{BACKEND}-{ort.__version__}|{platform.machine()}|{cpu}|threads={threads}"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown-cpu"
+
+
+class CostTable:
+    """Bytes and latency per (shape, candidate, T), measured on demand and kept in ``path``.
+
+    ``path`` None keeps results in memory only. ``opset_imports`` are the model's (the
+    lowering's form of quantization depends on the opset).
+    """
+
+    def __init__(self, path: str | Path | None, *, threads: int = 2, opset_imports: dict[str, int] | None = None) -> None:
+        self.path = None if path is None else Path(path)
+        self.threads = threads
+        self.device = device_key(threads)
+        self.opset_imports = dict(opset_imports or {"": 21})
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.measured = 0
+        self.reused = 0
+        self.seconds = 0.0
+        if self.path is not None and self.path.is_file():
+            try:
+                data = json.loads(self.path.read_text())
+                if data.get("version") == COST_TABLE_VERSION:
+                    self.entries = dict(data.get("entries", {}))
+            except (OSError, json.JSONDecodeError):
+                self.entries = {}  # a broken table is measured again
+
+    def _key(self, shape: tuple[int, int], cand: Candidate, seq_len: int) -> str:
+        opset = self.opset_imports.get("", 0)
+        return f"{self.device}|opset={opset}|T={seq_len}|{shape[0]}x{shape[1]}|{cand.name}"
+
+    def get(self, shape: tuple[int, int], cand: Candidate, seq_len: int, *, latency: bool = True) -> dict[str, Any]:
+        """``{"bytes": int, "ms": float | None}`` for a ``shape = (K, N)`` linear as ``cand``."""
+        key = self._key(shape, cand, seq_len)
+        entry = self.entries.get(key)
+        if entry is not None and (entry.get("ms") is not None or not latency):
+            self.reused += 1
+            return entry
+        start = time.perf_counter()
+        entry = measure_linear(shape, cand, seq_len, threads=self.threads, opset_imports=self.opset_imports,
+                               latency=latency)
+        self.seconds += time.perf_counter() - start
+        self.measured += 1
+        self.entries[key] = entry
+        return entry
+
+    def overhead_ms(self, k: int, seq_len: int) -> float:
+        """Median time of one ORT call on an Identity model with a ``[1, T, K]`` input."""
+        key = f"{self.device}|T={seq_len}|{k}|overhead"
+        if key not in self.entries:
+            x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, seq_len, k]))
+            node = ir.node("Identity", [x])
+            node.outputs[0].name = "y"
+            graph = ir.Graph([x], node.outputs, nodes=[node], opset_imports={"": 21})
+            session = session_for(ir.Model(graph, ir_version=10), threads=self.threads)
+            feed = {"x": np.random.default_rng(0).standard_normal((1, seq_len, k)).astype(np.float32)}
+            self.entries[key] = {"ms": _median_ms(session, feed)}
+        return float(self.entries[key]["ms"])
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # another compile may have added entries meanwhile: merge, ours win
+        merged = {}
+        if self.path.is_file():
+            try:
+                merged = dict(json.loads(self.path.read_text()).get("entries", {}))
+            except (OSError, json.JSONDecodeError):
+                merged = {}
+        merged.update(self.entries)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"version": COST_TABLE_VERSION, "entries": merged}, indent=0, sort_keys=True))
+        tmp.replace(self.path)
+
+
+def measure_linear(
+    shape: tuple[int, int],
+    cand: Candidate,
+    seq_len: int,
+    *,
+    threads: int = 2,
+    opset_imports: dict[str, int] | None = None,
+    latency: bool = True,
+) -> dict[str, Any]:
+    """Bytes and median latency (ms, call overhead not removed) of one lowered linear."""
+    k, n = shape
+    rng = np.random.default_rng(k * 7919 + n)
+    w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+    x = rng.standard_normal((1, seq_len, k)).astype(np.float32)
+    obs = TensorObserver("x")
+    obs.update(x)  # gives the per-token kernel its calibrated (shared) zero point, as in a compile
+    lp = cand.layer_plan(weight_algorithm_4bit="rtn")  # the algorithm changes values, not bytes or speed
+    micro = lower_linear(w, cand, layer="bench", input_name="x", opset_imports=opset_imports or {"": 21},
+                         layer_plan=lp, stats={"x": obs})
+    entry: dict[str, Any] = {"bytes": weight_bytes(micro), "weights": k * n, "ms": None}
+    if latency:
+        session = session_for(micro, threads=threads)
+        entry["ms"] = _median_ms(session, {"x": x})
+    return entry
+
+
+def _median_ms(session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> float:
+    for _ in range(2):
+        session.run(None, feed)
+    start = time.perf_counter()
+    session.run(None, feed)
+    once = time.perf_counter() - start
+    repeats = int(min(200, max(MIN_REPEATS, TIME_TARGET_S / max(once, 1e-6))))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1e3
+
+
+def layer_costs(
+    table: CostTable, shapes: Sequence[tuple[int, int]], candidates: Sequence[Candidate], seq_len: int, *,
+    latency: bool,
+) -> dict[tuple[tuple[int, int], str], dict[str, Any]]:
+    """Costs of every (shape, candidate); latency with the call overhead removed (>= 0)."""
+    out = {}
+    for shape in dict.fromkeys(shapes):
+        over = table.overhead_ms(shape[0], seq_len) if latency else 0.0
+        for cand in candidates:
+            e = dict(table.get(shape, cand, seq_len, latency=latency))
+            if latency:
+                e["ms_raw"] = e["ms"]
+                e["ms"] = max(float(e["ms"]) - over, 0.0)
+            out[(shape, cand.name)] = e
+    return out

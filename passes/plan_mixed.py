@@ -1,0 +1,495 @@
+"""Plan a precision per linear from measured sensitivity and measured cost, under a budget.
+
+Policy only, like ``plan``: the pass writes a plan and rewrites nothing.
+
+1. **Candidates** (``lowbit.compiler.candidates``): fp32, W8A8, W8A16, W4A16 and W4A8
+   at group sizes 32 and 128: what ``lower-ort`` runs.
+2. **Sensitivity** (``lowbit.compiler.sensitivity``): for every (layer, candidate),
+   the final-output KL divergence from fp32 (and the change of the next-token
+   NLL) on calibration data when only that layer takes that candidate, measured
+   in one ONNX Runtime session whose linears are ``If`` trees over their lowered
+   candidates, selected by an input. Cached on disk by model, weights, candidates
+   and data.
+3. **Cost** (``lowbit.compiler.costs``): bytes of each lowered candidate, and its
+   latency for the layer's shape measured by ORT micro-benchmarks at
+   ``latency_seq_len`` tokens, in a reusable cost table.
+4. **Solve** (``lowbit.compiler.allocate``): ``scipy.optimize.milp`` minimises the
+   summed sensitivity (one candidate per layer) under the budget(s):
+
+   * ``budget = "5.0bits"``: average bits per linear weight, scales and zero points
+     included (each lowered layer's stored bytes x 8 / its weights, over all planned
+     linears);
+   * ``budget = "60MB"``: bytes of the artifact's weights (linears as planned, the rest
+     as it will be stored: embedding tables as ``quantize-embeddings`` leaves them
+     when ``quantized_embeddings``);
+   * ``budget_latency = "0.5x"``: the fp32 model's latency at ``latency_seq_len``
+     tokens, predicted as the fp32 model's measured latency minus its linears' measured
+     fp32 time plus the chosen candidates' measured time (a size and a latency budget
+     may be combined);
+   * ``max_kl = 0.02`` / ``max_ppl_increase = "2%"``: the dual, the smallest plan (in
+     bytes) whose predicted KL (or predicted perplexity ratio ``exp(sum dNLL)``) stays
+     within the target.
+
+   An infeasible budget is an ``InputError`` naming the nearest feasible one.
+5. **Check**: the chosen plan is measured as a whole in the same session (the
+   layers' interaction included); with ``pareto_points`` more budgets are solved
+   and measured, giving the predicted-vs-measured curve ``lowbit report`` plots.
+
+``overrides`` (``GLOB=PRECISION`` or ``GLOB=PRECISION-gGROUP``) and ``exclude`` pin
+layers before solving; ``plan_file`` (``--plan``) takes a plan written by an earlier
+compile (a ``manifest.json`` or a plan JSON) and skips the analysis.
+
+Example recipe entry::
+
+    [[passes]]
+    pass = "plan-mixed"
+    budget = "5.0bits"
+    candidates = ["fp32", "w8a8", "w8a16", "w4a16-g32", "w4a16-g128", "w4a8-g32", "w4a8-g128"]
+    samples = 8
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from lowbit.compiler import allocate
+from lowbit.compiler.candidates import DEFAULT_CANDIDATES, Candidate, parse_candidates
+from lowbit.compiler.errors import InputError
+from lowbit.compiler.passbase import LowbitPass
+from lowbit.compiler.plan import LayerPlan, Plan, write_plan
+from lowbit.compiler.registry import register_pass
+from lowbit.passes.recognize import find_linears
+
+NOTES_KEY = "plan-mixed"
+
+
+@register_pass
+class PlanMixedPrecisionPass(LowbitPass):
+    """Choose each linear's precision from measured sensitivity and cost under a budget (metadata only).
+
+    In place. Needs calibration batches in the compile context (a ``calibrate`` pass
+    before it gives the per-token zero points the int8 kernels use). Give one of
+    ``budget`` / ``budget_latency`` (or both), ``max_kl``, ``max_ppl_increase``; with
+    none, ``budget = "5.0bits"``.
+
+    Options:
+        budget: size budget: "5.0bits" (average bits per linear weight, scales included) or "60MB" (artifact weight bytes).
+        budget_latency: latency budget as a fraction of the fp32 model's at latency_seq_len tokens, e.g. "0.5x".
+        max_kl: the smallest plan whose predicted KL from fp32 is at most this (0: unused).
+        max_ppl_increase: the smallest plan whose predicted perplexity increase is at most this, e.g. "2%" ("": unused).
+        candidates: what each linear may become: fp32, w8a8, w8a16, w4a16-gG, w4a8-gG (G: group size).
+        samples: calibration batches the sensitivities are measured on.
+        max_tokens: tokens per ONNX Runtime run (batches are stacked up to this).
+        weight_algorithm_8bit: weight algorithm of the 8-bit candidates ("rtn", "mse", "gptq").
+        weight_algorithm_4bit: weight algorithm of the 4-bit candidates ("rtn", "mse", "gptq").
+        act_order: GPTQ candidates quantize input features in order of decreasing Hessian diagonal.
+        exclude: glob patterns of layers kept in fp32.
+        overrides: "GLOB=PRECISION" items (PRECISION may carry a group: w4a16-g32) pinning layers before solving.
+        plan_file: a plan to use as is (a manifest.json or plan JSON of an earlier compile): no analysis.
+        latency_seq_len: tokens per run at which latencies are measured and a latency budget applies.
+        threads: ONNX Runtime threads for every measurement.
+        measure_latency: measure each candidate's latency (needed by budget_latency; else bytes only).
+        cost_table: JSON cost table to read and extend ("": ~/.cache/lowbit/costs.json).
+        cache: keep measured sensitivities in ~/.cache/lowbit (or $LOWBIT_CACHE) and reuse them.
+        pareto_points: further budgets solved and measured for the predicted-vs-measured curve (0: none).
+        quantized_embeddings: count embedding tables as quantize-embeddings stores them (int8 rows) in byte budgets.
+        time_limit: seconds the solver may take per problem.
+    """
+
+    name = "plan-mixed"
+
+    def __init__(
+        self,
+        *,
+        budget: str = "",
+        budget_latency: str = "",
+        max_kl: float = 0.0,
+        max_ppl_increase: str = "",
+        candidates: list[str] | None = None,
+        samples: int = 8,
+        max_tokens: int = 2048,
+        weight_algorithm_8bit: str = "rtn",
+        weight_algorithm_4bit: str = "gptq",
+        act_order: bool = True,
+        exclude: list[str] | None = None,
+        overrides: list[str] | None = None,
+        plan_file: str = "",
+        latency_seq_len: int = 128,
+        threads: int = 2,
+        measure_latency: bool = True,
+        cost_table: str = "",
+        cache: bool = True,
+        pareto_points: int = 6,
+        quantized_embeddings: bool = True,
+        time_limit: float = 60.0,
+    ) -> None:
+        super().__init__()
+        self.budget = str(budget or "")
+        self.budget_latency = str(budget_latency or "")
+        self.max_kl = float(max_kl or 0.0)
+        self.max_ppl_increase = str(max_ppl_increase or "")
+        self.candidates = list(candidates or DEFAULT_CANDIDATES)
+        self.samples = int(samples)
+        self.max_tokens = int(max_tokens)
+        self.weight_algorithm_8bit = weight_algorithm_8bit
+        self.weight_algorithm_4bit = weight_algorithm_4bit
+        self.act_order = bool(act_order)
+        self.exclude = list(exclude or [])
+        self.overrides = list(overrides or [])
+        self.plan_file = str(plan_file or "")
+        self.latency_seq_len = int(latency_seq_len)
+        self.threads = int(threads)
+        self.measure_latency = bool(measure_latency)
+        self.cost_table = str(cost_table or "")
+        self.cache = bool(cache)
+        self.pareto_points = int(pareto_points)
+        self.quantized_embeddings = bool(quantized_embeddings)
+        self.time_limit = float(time_limit)
+        # validate now, so a bad flag fails before any work
+        self._size = allocate.parse_budget(self.budget) if self.budget else None
+        self._latency = allocate.parse_latency(self.budget_latency) if self.budget_latency else None
+        self._ppl = allocate.parse_fraction(self.max_ppl_increase, "--max-ppl-increase") if self.max_ppl_increase else None
+        if self.max_kl < 0:
+            raise InputError(f"--max-kl {self.max_kl}: must not be negative")
+        targets = [n for n, v in (("--max-kl", self.max_kl or None), ("--max-ppl-increase", self._ppl)) if v is not None]
+        if len(targets) > 1:
+            raise InputError("give one accuracy target: --max-kl or --max-ppl-increase, not both")
+        if targets and (self._size or self._latency):
+            raise InputError(f"{targets[0]} asks for the smallest plan meeting an accuracy target; it does not combine "
+                             "with --budget / --budget-latency")
+        if self._latency is not None and not self.measure_latency:
+            raise InputError("--budget-latency needs measured latencies (plan-mixed.measure_latency = true)")
+        self._candidates = parse_candidates(self.candidates)
+        for c in self._candidates:
+            self._layer_plan(c)  # validates the algorithms
+        if self.samples < 1:
+            raise InputError(f"plan-mixed.samples must be >= 1, got {self.samples}")
+
+    # ------------------------------------------------------------------
+    def _layer_plan(self, cand: Candidate, reason: str = "") -> LayerPlan:
+        return cand.layer_plan(weight_algorithm_8bit=self.weight_algorithm_8bit,
+                               weight_algorithm_4bit=self.weight_algorithm_4bit, act_order=self.act_order, reason=reason)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        before = model.metadata_props.get("lowbit.plan")
+        linears, rejected = find_linears(model.graph)
+        if not linears:
+            raise InputError("the model has no quantizable linear layer (no MatMul/Gemm with a constant 2-D float weight)")
+        if self.plan_file:
+            plan = self._fed_plan(linears, rejected)
+        else:
+            plan = self._analyse(model, linears, rejected)
+        write_plan(model, plan)
+        return ir.passes.PassResult(model, model.metadata_props.get("lowbit.plan") != before)
+
+    # ------------------------------------------------------------------
+    def _fed_plan(self, linears, rejected) -> Plan:
+        path = Path(self.plan_file)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise InputError(f"--plan {path}: cannot read a plan: {e}") from None
+        if isinstance(data, dict) and isinstance(data.get("plan"), dict):
+            data = data["plan"]  # a manifest
+        if not isinstance(data, dict) or not isinstance(data.get("layers"), dict):
+            raise InputError(f"--plan {path}: not a plan (expected {{\"layers\": {{...}}}} or a manifest.json)")
+        plan = Plan.from_json(data)
+        names = [lin.name for lin in linears]
+        missing = [n for n in names if n not in plan.layers]
+        extra = [n for n in plan.layers if n not in names]
+        if missing or extra:
+            raise InputError(
+                f"--plan {path} does not fit this model: "
+                + "; ".join(p for p in (f"no entry for {len(missing)} layer(s), e.g. {missing[:3]}" if missing else "",
+                                        f"{len(extra)} unknown layer(s), e.g. {extra[:3]}" if extra else "") if p)
+            )
+        plan.skipped.update(rejected)
+        pinned = self._pinned(names)
+        for name, (cand, why) in pinned.items():
+            plan.layers[name] = self._layer_plan(cand, why)
+        self.context.notes[NOTES_KEY] = {"source": f"plan file {path}", "analysis": "skipped (--plan)",
+                                         "pinned": {k: v[0].name for k, v in pinned.items()}}
+        return plan
+
+    def _pinned(self, names: list[str]) -> dict[str, tuple[Candidate, str]]:
+        """Layers whose candidate is fixed: ``exclude`` (fp32), then ``overrides`` (last wins)."""
+        out: dict[str, tuple[Candidate, str]] = {}
+        for name in names:
+            if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
+                out[name] = (Candidate("fp32"), "excluded by the recipe")
+        for item in self.overrides:
+            pattern, sep, spec = item.partition("=")
+            if not sep:
+                raise InputError(f"--override {item!r}: expected LAYER_GLOB=PRECISION")
+            cand = Candidate.parse(spec)
+            if cand.weight_bits == 4 and cand.group_size is None:
+                cand = Candidate(cand.precision, 128)  # as the 4-bit recipes; "-g32" picks another group
+            hits = [n for n in names if fnmatch.fnmatchcase(n, pattern.strip())]
+            if not hits:
+                raise InputError(f"--override {item!r}: no layer matches {pattern.strip()!r}")
+            for n in hits:
+                out[n] = (cand, f"override {item}")
+        return out
+
+    # ------------------------------------------------------------------
+    def _analyse(self, model: ir.Model, linears, rejected) -> Plan:
+        from lowbit.compiler import costs as costs_mod
+        from lowbit.compiler import sensitivity as sens_mod
+        from lowbit.compiler.explain import batched
+        from lowbit.passes import gptq
+
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        batches_all = self.context.calibration_batches
+        if not batches_all:
+            raise InputError("plan-mixed measures sensitivities on calibration data, and the compile has none")
+        names = [lin.name for lin in linears]
+        pinned = self._pinned(names)
+        cands = list(self._candidates)
+        for cand, _ in pinned.values():
+            if cand not in cands:
+                cands.append(cand)
+        cnames = [c.name for c in cands]
+        L, C = len(linears), len(cands)
+        allowed = np.ones((L, C), bool)
+        for i, lin in enumerate(linears):
+            if lin.name in pinned:
+                allowed[i] = [c == pinned[lin.name][0] for c in cands]
+            else:
+                allowed[i] = [c in self._candidates for c in cands]
+
+        # -- costs ------------------------------------------------------
+        table = costs_mod.CostTable(self.cost_table or costs_mod.default_cost_table(), threads=self.threads,
+                                    opset_imports=dict(model.graph.opset_imports))
+        shapes = [lin.shape for lin in linears]
+        cost = costs_mod.layer_costs(table, shapes, cands, self.latency_seq_len, latency=self.measure_latency)
+        table.save()
+        nbytes = np.array([[cost[(s, c)]["bytes"] for c in cnames] for s in shapes], float)
+        weights = np.array([s[0] * s[1] for s in shapes], float)
+        total_weights = float(weights.sum())
+        ms = (np.array([[cost[(s, c)]["ms"] for c in cnames] for s in shapes], float) if self.measure_latency else None)
+        timings["costs"] = time.perf_counter() - t0
+
+        # -- sensitivities -------------------------------------------------
+        t1 = time.perf_counter()
+        batches = batched(batches_all[: self.samples], self.max_tokens)
+        ids = None
+        if getattr(self.context.adapter, "task", None) == "causal-lm" and all("input_ids" in b for b in batches):
+            ids = [b["input_ids"] for b in batches]
+        # entries are per (layer, candidate): the candidate list is not part of the key, so another
+        # list (or an override to a candidate outside it) reuses what was measured
+        key_extra = {
+            "algorithms": [self.weight_algorithm_8bit, self.weight_algorithm_4bit, self.act_order],
+            "samples": self.samples, "max_tokens": self.max_tokens, "version": sens_mod.CACHE_VERSION,
+            "ort": costs_mod.ort.__version__, "metric": "kl" if ids is not None else "1-cosine",
+        }
+        key = sens_mod.fingerprint(model, batches_all, key_extra)
+        cache = sens_mod.SensitivityCache(sens_mod.default_cache_dir() if self.cache else None, key)
+        pairs = [(lin.name, cnames[j]) for i, lin in enumerate(linears) for j in range(C) if allowed[i, j]]
+        # the session is built even when every sensitivity is cached: the chosen plan is measured in it
+        hessians = {}
+        if any(self._layer_plan(c).weight_algorithm == "gptq" for c in cands if c.weight_bits):
+            th = time.perf_counter()
+            hessians = gptq.collect_hessians(model, {lin.x.name: lin.shape[0] for lin in linears}, batches_all,
+                                             show_progress=self.context.progress)
+            timings["hessians"] = time.perf_counter() - th
+        tb = time.perf_counter()
+        graph = sens_mod.SensitivityGraph(
+            model, cands, layer_plan=lambda c, layer: self._layer_plan(c), stats=self.context.stats,
+            hessians=hessians, threads=self.threads, show_progress=self.context.progress,
+        )
+        del hessians
+        timings["build_graph"] = time.perf_counter() - tb
+        tr = time.perf_counter()
+        scorer = sens_mod.Scorer(sens_mod.reference_outputs(graph, batches), ids)
+        timings["reference_run"] = time.perf_counter() - tr
+        values, record = sens_mod.measure(graph, batches, scorer, pairs, cache=cache,
+                                          show_progress=self.context.progress)
+        timings["sensitivity_runs"] = record["seconds"]
+        S = np.zeros((L, C))
+        D = np.zeros((L, C))
+        for i, lin in enumerate(linears):
+            for j, c in enumerate(cnames):
+                v = values.get((lin.name, c))
+                if v is not None:
+                    S[i, j] = max(v["metric"], 0.0)  # a KL below fp32's is noise, not a gain
+                    D[i, j] = v.get("dnll", 0.0)
+        timings["analysis"] = time.perf_counter() - t1
+
+        # -- constraints ---------------------------------------------------
+        fixed_bytes = self._fixed_bytes(model, linears)
+        constraints: list[allocate.Constraint] = []
+        latency_info: dict[str, Any] = {}
+        bits = nbytes * 8.0 / total_weights
+        if self._size is not None and self._size.kind == "bits":
+            constraints.append(allocate.Constraint("budget", bits, self._size.value,
+                                                   show=lambda v: f"{v:.4g} bits per linear weight"))
+        elif self._size is not None:
+            constraints.append(allocate.Constraint("budget", nbytes, self._size.value - fixed_bytes,
+                                                   show=lambda v, f=fixed_bytes: f"{v + f:,.0f} bytes ({(v + f) / 1e6:.3f} MB)"))
+        if self._latency is not None:
+            fp32_ms = self._model_latency(model)
+            j32 = cnames.index("fp32")
+            other = fp32_ms - float(ms[:, j32].sum())
+            latency_info = {"fp32_model_ms": fp32_ms, "fp32_linears_ms": float(ms[:, j32].sum()), "other_ms": other,
+                            "seq_len": self.latency_seq_len, "threads": self.threads}
+            constraints.append(allocate.Constraint(
+                "latency budget", ms, self._latency * fp32_ms - other,
+                show=lambda v, o=other, f=fp32_ms: f"{(v + o) / f:.3f}x of fp32 ({v + o:.2f} ms at T={self.latency_seq_len})"))
+        mode = "budget"
+        if self.max_kl or self._ppl is not None:
+            mode = "target"
+            if self.max_kl:
+                target = allocate.Constraint("--max-kl", S, self.max_kl, show=lambda v: f"KL {v:.4g}")
+            else:
+                if ids is None:
+                    raise InputError("--max-ppl-increase needs a language model (token ids); use --max-kl")
+                # a layer whose quantization seems to lower the NLL is noise, not a credit to spend
+                target = allocate.Constraint("--max-ppl-increase", np.maximum(D, 0.0), math.log1p(self._ppl),
+                                             show=lambda v: f"{math.expm1(v):.3%}")
+            constraints = [target]
+        elif not constraints:
+            self._size = allocate.parse_budget("5.0bits")
+            constraints.append(allocate.Constraint("budget", bits, 5.0, show=lambda v: f"{v:.4g} bits per linear weight"))
+
+        # -- solve ---------------------------------------------------------
+        ts = time.perf_counter()
+        objective = nbytes if mode == "target" else S
+        choice = allocate.solve(objective, allowed, constraints, time_limit=self.time_limit)
+        timings["solve"] = time.perf_counter() - ts
+        tm = time.perf_counter()
+        joint = scorer.score(graph.run(batches, choice.astype(np.int64)))
+        timings["joint_measure"] = time.perf_counter() - tm
+
+        # -- the Pareto curve: more budgets, predicted and measured --------
+        tp = time.perf_counter()
+        pareto = self._pareto(graph, scorer, batches, S, D, bits, nbytes, ms, allowed, fixed_bytes, latency_info, cnames)
+        timings["pareto"] = time.perf_counter() - tp
+
+        # -- the plan ---------------------------------------------------------
+        plan = Plan(skipped=dict(rejected))
+        how = "; ".join(f"{c.name} {c.show(c.limit) if callable(c.show) else c.limit}" for c in constraints)
+        for i, lin in enumerate(linears):
+            j = int(choice[i])
+            cand = cands[j]
+            why = pinned[lin.name][1] if lin.name in pinned else f"mixed: least predicted error under {how}"
+            lp = self._layer_plan(cand, why)
+            lp.sensitivity = {"kl" if ids is not None else "1-cosine": float(S[i, j])} | (
+                {"dnll": float(D[i, j])} if ids is not None else {})
+            lp.cost = {"bytes": int(nbytes[i, j]), "bits_per_weight": float(nbytes[i, j] * 8 / weights[i])} | (
+                {"latency_ms": float(ms[i, j]), "seq_len": self.latency_seq_len} if ms is not None else {})
+            plan.layers[lin.name] = lp
+        timings["total"] = time.perf_counter() - t0
+        predicted_kl = allocate.total(S, choice)
+        achieved = {
+            "bits_per_weight": allocate.total(bits, choice),
+            "linear_bytes": allocate.total(nbytes, choice),
+            "weight_bytes": allocate.total(nbytes, choice) + fixed_bytes,
+        }
+        if ms is not None:
+            achieved["linears_ms"] = allocate.total(ms, choice)
+            if latency_info:
+                achieved["predicted_model_ms"] = achieved["linears_ms"] + latency_info["other_ms"]
+                achieved["predicted_latency_ratio"] = achieved["predicted_model_ms"] / latency_info["fp32_model_ms"]
+        self.context.notes[NOTES_KEY] = {
+            "mode": mode,
+            "budget": {"size": self.budget or (self._size.text if self._size else None),
+                       "latency": self.budget_latency or None, "max_kl": self.max_kl or None,
+                       "max_ppl_increase": self._ppl},
+            "constraints": [{"name": c.name, "limit": c.limit, "text": c.show(c.limit) if callable(c.show) else None}
+                            for c in constraints],
+            "bits_definition": "stored bytes of each lowered linear (codes, scales, zero points) x 8 / its weights",
+            "achieved": achieved,
+            "fixed_bytes": fixed_bytes,
+            "metric": "kl" if ids is not None else "1-cosine",
+            "predicted": {"metric": predicted_kl, "dnll": allocate.total(D, choice) if ids is not None else None},
+            "measured_calibration": joint,
+            "latency": latency_info,
+            "candidates": cnames,
+            "counts": {c: int((choice == j).sum()) for j, c in enumerate(cnames) if (choice == j).any()},
+            "pinned": {k: v[0].name for k, v in pinned.items()},
+            "table": {lin.name: {c: {"metric": float(S[i, j]), "dnll": float(D[i, j]), "bytes": int(nbytes[i, j]),
+                                     **({"ms": float(ms[i, j])} if ms is not None else {})}
+                                 for j, c in enumerate(cnames) if allowed[i, j]}
+                      for i, lin in enumerate(linears)},
+            "pareto": pareto,
+            "samples": len(batches_all[: self.samples]),
+            "tokens": int(sum(max(np.asarray(v).size for v in b.values()) for b in batches)),
+            "sensitivity": {**record, "layers": L, "candidates": C, "cache": str(cache.path) if cache.path else None},
+            "cost_table": {"path": str(table.path) if table.path else None, "measured": table.measured,
+                           "reused": table.reused, "device": table.device},
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+        }
+        return plan
+
+    # ------------------------------------------------------------------
+    def _pareto(self, graph, scorer, batches, S, D, bits, nbytes, ms, allowed, fixed_bytes, latency_info, cnames):
+        """Plans at ``pareto_points`` size budgets (bits per weight) from the cheapest plan up: predicted and
+        measured error of each."""
+        if self.pareto_points <= 0:
+            return []
+        points = []
+        lo = allocate.minimum_total(bits, allowed)
+        hi = float(np.where(allowed, bits, -np.inf).max(axis=1).sum())
+        hi = min(hi, max(lo * 2.0, 8.5))  # past ~8 bits every layer is near lossless: the curve is flat
+        for limit in np.linspace(lo, hi, self.pareto_points):
+            con = allocate.Constraint("budget", bits, float(limit) * (1 + 1e-9))
+            try:
+                choice = allocate.solve(S, allowed, [con], time_limit=self.time_limit)
+            except InputError:
+                continue
+            measured = scorer.score(graph.run(batches, choice.astype(np.int64)))
+            row = {
+                "bits_per_weight": allocate.total(bits, choice),
+                "weight_bytes": allocate.total(nbytes, choice) + fixed_bytes,
+                "predicted": allocate.total(S, choice),
+                "predicted_dnll": allocate.total(D, choice),
+                "measured": measured["metric"],
+                "measured_dnll": measured.get("dnll"),
+                "counts": {c: int((choice == j).sum()) for j, c in enumerate(cnames) if (choice == j).any()},
+            }
+            if ms is not None:
+                row["linears_ms"] = allocate.total(ms, choice)
+            points.append(row)
+        return points
+
+    def _fixed_bytes(self, model: ir.Model, linears) -> int:
+        """Bytes of every weight that is not a planned linear's, as the artifact will store them."""
+        linear_weights = {id(lin.weight) for lin in linears}
+        tables = {}
+        if self.quantized_embeddings:
+            from lowbit.passes.quantize_embeddings import QuantizeEmbeddingsPass
+
+            rule = QuantizeEmbeddingsPass()
+            for node in model.graph:
+                if node.op_type == "Gather" and node.domain == "" and rule._reason(node, node.inputs[0]) is None:
+                    v, d = node.inputs[0].const_value.shape
+                    tables[id(node.inputs[0])] = int(v) * int(d) + 4 * int(v)  # int8 rows + a float scale each
+        total = 0
+        for v in model.graph.initializers.values():
+            if v.const_value is None or id(v) in linear_weights:
+                continue
+            total += tables.get(id(v), v.const_value.nbytes)
+        return int(total)
+
+    def _model_latency(self, model: ir.Model) -> float:
+        """Median ms of the fp32 model (as it stands) at ``latency_seq_len`` tokens."""
+        from lowbit.compiler.costs import _median_ms
+        from lowbit.compiler.ortsession import session_for
+
+        adapter = self.context.adapter
+        if getattr(adapter, "task", None) in ("causal-lm", "encoder"):
+            feed = adapter.make_inputs([[1 + (i % 100) for i in range(self.latency_seq_len)]])
+        else:
+            feed = self.context.calibration_batches[0]
+        session = session_for(model, threads=self.threads)
+        names = {i.name for i in session.get_inputs()}
+        return _median_ms(session, {k: v for k, v in feed.items() if k in names})

@@ -1,0 +1,166 @@
+"""lower-tvm and the IR -> Relax translation on small graphs: packing, numerics on LLVM, refusals."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from lowbit.backends.ort.lower import LowerToORTPass
+from lowbit.backends.tvm import ops
+from lowbit.backends.tvm.lower import LowerToTVMPass
+from lowbit.compiler.errors import InputError
+from lowbit.compiler.ortsession import session_options
+from lowbit.passes.plan import PlanUniformPass
+from lowbit.passes.quantize_weights import QuantizeWeightsPass
+from tests.graphs import mlp
+
+SHAPE = {"k": 64, "hidden": 96, "n": 32}  # "down" has K = 96: 3 groups of 32, and not a multiple of 64
+
+
+def quantized(precision, group=0, symmetric=True, seed=0):
+    model = mlp(seed=seed, **SHAPE)
+    PlanUniformPass(precision=precision, group_size=group, symmetric=symmetric)(model)
+    QuantizeWeightsPass()(model)
+    return model
+
+
+def inputs(t, seed=1):
+    return {"x": np.random.default_rng(seed).standard_normal((2, t, SHAPE["k"])).astype(np.float32)}
+
+
+def ort_run(model, feeds, *, unfused=False):
+    disabled = ["QDQSelectorActionTransformer"] if unfused else []
+    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), session_options(), providers=["CPUExecutionProvider"],
+                                disabled_optimizers=disabled)
+    return sess.run(None, feeds)[0]
+
+
+def test_pack_codes_low_bits_first_and_round_trips():
+    codes = np.arange(2 * 11, dtype=np.uint8).reshape(2, 11) % 16  # K = 11: one full word + 3 codes
+    packed = ops.pack_codes(codes, 4)
+    assert packed.shape == (2, 2) and packed.dtype == np.uint32
+    assert packed[0, 0] == sum(int(codes[0, i]) << (4 * i) for i in range(8))
+    assert packed[0, 1] == sum(int(codes[0, 8 + i]) << (4 * i) for i in range(3))  # padding codes are zero
+    for bits in (4, 8):
+        c = np.random.default_rng(bits).integers(0, 2**bits, (7, 100)).astype(np.uint8)
+        assert np.array_equal(ops.unpack_codes(ops.pack_codes(c, bits), bits, 100), c)
+    with pytest.raises(ValueError, match="unsigned 4-bit"):
+        ops.pack_codes(np.full((1, 8), 16, np.uint8), 4)
+
+
+def test_lowering_rewrites_planned_linears_and_leaves_a_float_graph_alone():
+    model = quantized("w4a16", group=32)
+    result = LowerToTVMPass()(model)
+    assert result.modified
+    lowered = [n for n in model.graph if n.domain == ops.DOMAIN]
+    assert [n.op_type for n in lowered] == [ops.PACKED_LINEAR] * 3
+    assert not any(n.op_type in ("MatMul", "DequantizeLinear") for n in model.graph)
+    down = next(n for n in lowered if n.name.startswith("down"))
+    assert down.attributes["in_features"].value == 96 and down.attributes["group_size"].value == 32
+    assert down.inputs[1].const_value.shape == (SHAPE["n"], 12) and down.inputs[2].const_value.shape == (SHAPE["n"], 3)
+    assert model.graph.opset_imports[ops.DOMAIN] == 1
+    plain = mlp(**SHAPE)
+    PlanUniformPass(precision="fp32")(plain)
+    assert not LowerToTVMPass()(plain).modified
+
+
+def test_w4a8_and_group_wise_int8_activations_are_refused_with_the_layer_named():
+    with pytest.raises(InputError, match=r"layer (up|down|side): the TVM lowering runs int8 activations only"):
+        LowerToTVMPass()(quantized("w4a8", group=32))
+
+
+def _tvm_outputs(model, feeds_list, target="llvm"):
+    tvm = pytest.importorskip("tvm")
+    from tvm import relax
+
+    from lowbit.backends.tvm.build import relax_pipeline
+    from lowbit.backends.tvm.relax_import import to_relax
+    from lowbit.backends.tvm.targets import make_target
+
+    mod, _, arrays = to_relax(model)
+    tgt = make_target(target)
+    vm = relax.VirtualMachine(tvm.compile(mod, target=tgt, relax_pipeline=relax_pipeline(tgt)), tvm.cpu())
+    params = [tvm.runtime.tensor(a) for a in arrays]
+    return [vm["main"](tvm.runtime.tensor(f["x"]), *params).numpy() for f in feeds_list]
+
+
+@pytest.mark.parametrize("group,symmetric", [(32, True), (0, True), (32, False)])
+def test_packed_linear_on_llvm_equals_the_qdq_graph(group, symmetric):
+    pytest.importorskip("tvm")
+    model = quantized("w4a16", group=group, symmetric=symmetric)
+    feeds = [inputs(1), inputs(7, seed=2)]
+    expected = [ort_run(model, f, unfused=True) for f in feeds]  # DequantizeLinear -> MatMul, as written
+    LowerToTVMPass()(model)
+    for got, ref in zip(_tvm_outputs(model, feeds), expected):
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("zero_point", ["per-token", "symmetric"])
+def test_int8_linear_on_llvm_equals_the_ort_lowering(zero_point):
+    pytest.importorskip("tvm")
+    feeds = [inputs(1), inputs(9, seed=3)]
+    ref_model, model = quantized("w8a8"), quantized("w8a8")
+    LowerToORTPass(token_zero_point=zero_point)(ref_model)
+    LowerToTVMPass(token_zero_point=zero_point)(model)
+    kinds = {n.attributes["mode"].value for n in model.graph if n.op_type == ops.INT8_LINEAR}
+    assert kinds == {zero_point}
+    for got, f in zip(_tvm_outputs(model, feeds), feeds):
+        ref = ort_run(ref_model, f)
+        # the same integer GEMM: only the float epilogue's rounding order differs
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
+def test_int8_linear_with_one_range_per_tensor_equals_the_ort_lowering():
+    pytest.importorskip("tvm")
+    feeds = [inputs(1), inputs(9, seed=3)]
+    models = []
+    for _ in range(2):
+        model = mlp(seed=0, **SHAPE)
+        PlanUniformPass(precision="w8a8", activations="dynamic-tensor")(model)
+        QuantizeWeightsPass()(model)
+        models.append(model)
+    LowerToORTPass()(models[0])
+    LowerToTVMPass()(models[1])
+    assert {n.attributes["mode"].value for n in models[1].graph if n.op_type == ops.INT8_LINEAR} == {"tensor"}
+    for got, f in zip(_tvm_outputs(models[1], feeds), feeds):
+        ref = ort_run(models[0], f)
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
+def test_an_op_neither_lowered_nor_importable_is_an_input_error():
+    pytest.importorskip("tvm")
+    from lowbit.backends.tvm.relax_import import to_relax
+
+    model = quantized("w8a8")
+    LowerToORTPass()(model)  # com.microsoft kernels: ONNX Runtime only
+    with pytest.raises(InputError, match=r"cannot compile operator\(s\) .*com\.microsoft::MatMulIntegerToFloat"):
+        to_relax(model)
+
+
+def test_unknown_target_and_misplaced_arch_are_input_errors():
+    pytest.importorskip("tvm")
+    from lowbit.backends.tvm.targets import make_target
+
+    with pytest.raises(InputError, match="unknown TVM target 'rocm'"):
+        make_target("rocm")
+    with pytest.raises(InputError, match="--arch applies to --target cuda only"):
+        make_target("llvm", "sm_90")
+    with pytest.raises(InputError, match="expected sm_XX"):
+        make_target("cuda", "hopper")
+    assert make_target("cuda", "sm_90").attrs["arch"] == "sm_90"
+
+
+def test_cli_refuses_tvm_options_without_the_tvm_backend_and_unknown_targets(tmp_path, capsys):
+    from lowbit.compiler.cli import main
+
+    out = tmp_path / "out"
+    assert main(["compile", "model.onnx", "-o", str(out), "--target", "cuda"]) == 2
+    assert "--target and --arch apply to --backend tvm only" in capsys.readouterr().err
+    if importlib.util.find_spec("tvm") is not None:
+        assert main(["compile", "model.onnx", "-o", str(out), "--backend", "tvm", "--target", "rocm"]) == 2
+        assert "unknown TVM target 'rocm'" in capsys.readouterr().err
+    assert not out.exists()

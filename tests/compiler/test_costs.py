@@ -1,0 +1,41 @@
+"""The cost table (compiler/costs.py): bytes and latency of lowered linears, measured and reused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lowbit.compiler.candidates import Candidate
+from lowbit.compiler.costs import CostTable, layer_costs
+
+
+def test_bytes_are_what_the_lowered_layer_stores(tmp_path):
+    table = CostTable(tmp_path / "costs.json", threads=1)
+    k, n = 128, 96
+    b = {c: table.get((k, n), Candidate.parse(c), 8, latency=False)["bytes"]
+         for c in ("fp32", "w8a8", "w8a16", "w4a16-g32", "w4a16-g128")}
+    assert b["fp32"] == 4 * k * n
+    assert k * n < b["w8a8"] < 1.1 * k * n and k * n < b["w8a16"] < 1.1 * k * n
+    assert b["w4a16-g32"] == k * n // 2 + 4 * n * (k // 32)  # packed codes + a float scale per group
+    assert b["w4a16-g128"] == k * n // 2 + 4 * n
+
+
+def test_latencies_are_measured_once_and_reused(tmp_path):
+    path = tmp_path / "costs.json"
+    table = CostTable(path, threads=1)
+    cands = [Candidate("fp32"), Candidate("w8a8")]
+    costs = layer_costs(table, [(64, 64), (64, 64)], cands, 4, latency=True)
+    assert table.measured == 2 and len(costs) == 2
+    assert all(v["ms"] >= 0 and v["ms_raw"] > 0 for v in costs.values())
+    table.save()
+    data = json.loads(path.read_text())
+    assert all(table.device in key for key in data["entries"])
+    again = CostTable(path, threads=1)
+    costs2 = layer_costs(again, [(64, 64)], cands, 4, latency=True)
+    assert again.measured == 0 and again.reused == 2
+    assert costs2[((64, 64), "w8a8")]["ms_raw"] == pytest.approx(costs[((64, 64), "w8a8")]["ms_raw"])
+    # another thread count is another machine setting: measured afresh
+    other = CostTable(path, threads=2)
+    other.get((64, 64), Candidate("fp32"), 4)
+    assert other.measured == 1

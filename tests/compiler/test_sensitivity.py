@@ -1,0 +1,84 @@
+"""The sensitivity graph (compiler/sensitivity.py) on stories260K: its branches are the artifact's kernels."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from lowbit.backends.ort.lower import LowerToORTPass
+from lowbit.compiler import sensitivity as S
+from lowbit.compiler.candidates import Candidate, parse_candidates
+from lowbit.compiler.passbase import CompileContext
+from lowbit.compiler.pipeline import run_pipeline
+from lowbit.compiler.recipe import load_recipe
+from lowbit.passes.plan import PlanUniformPass
+from lowbit.passes.quantize_weights import QuantizeWeightsPass
+from tests.passes.real_models import fresh, outputs, windows
+
+CANDS = parse_candidates(["fp32", "w8a8", "w4a16-g32", "w4a8-g128"])
+
+
+def _plan(c: Candidate, layer: str):
+    return c.layer_plan(weight_algorithm_4bit="mse")
+
+
+@pytest.fixture(scope="module")
+def setup(shared_dir):
+    model, adapter = fresh(shared_dir / "stories260K" / "stories260K.bin")
+    calib, _ = windows(adapter, calib=2, evals=1, seq_len=48, text=shared_dir.parent / "data" / "tinystories.txt")
+    recipe = load_recipe("mixed")
+    upto = [p.name for p in recipe.passes].index("plan-mixed")
+    context = CompileContext(calibration_batches=calib, adapter=adapter, progress=False)
+    model = run_pipeline(model, recipe.build()[:upto], context=context)
+    graph = S.SensitivityGraph(model, CANDS, layer_plan=_plan, stats=context.stats, threads=1, show_progress=False)
+    return model, context, graph, calib
+
+
+def test_all_fp32_choice_is_the_model(setup):
+    model, _, graph, calib = setup
+    got = graph.run(calib, graph.choice({}))
+    ref = outputs(model, calib)
+    assert max(float(np.abs(g - r).max()) for g, r in zip(got, ref)) < 1e-4
+    assert len(graph.layers) == 36 and graph.session.get_inputs()[-1].name == S.CHOICE_INPUT
+
+
+@pytest.mark.parametrize("cand", ["w8a8", "w4a8-g128"])
+def test_uniform_choice_is_what_quantize_and_lower_compile(setup, cand):
+    """Every layer switched to one candidate gives the outputs of the compile's own passes."""
+    model, context, graph, calib = setup
+    c = Candidate.parse(cand)
+    lp = _plan(c, "")
+    compiled = run_pipeline(
+        ir.from_proto(ir.to_proto(model)),
+        [PlanUniformPass(precision=lp.precision, group_size=lp.group_size or 0, weight_algorithm=lp.weight_algorithm),
+         QuantizeWeightsPass(), LowerToORTPass()],
+        context=dataclasses.replace(context, notes={}),
+    )
+    ref = outputs(compiled, calib)
+    got = graph.run(calib, graph.choice({lay.name: cand for lay in graph.layers}))
+    scale = max(float(np.abs(r).max()) for r in ref)
+    assert max(float(np.abs(g - r).max()) for g, r in zip(got, ref)) < 1e-4 * scale
+
+
+def test_measure_and_cache(setup, tmp_path):
+    model, _, graph, calib = setup
+    ids = [b["input_ids"] for b in calib]
+    scorer = S.Scorer(S.reference_outputs(graph, calib), ids)
+    pairs = [(lay.name, c.name) for lay in graph.layers[:3] for c in CANDS]
+    key = S.fingerprint(model, calib, {"t": 1})
+    cache = S.SensitivityCache(tmp_path, key)
+    values, rec = S.measure(graph, calib, scorer, pairs, cache=cache, show_progress=False)
+    assert rec["runs"] == 9 and rec["cached"] == 3  # fp32 is 0 by definition, never run
+    for (_, cand), v in values.items():
+        assert (v["metric"] == 0.0) == (cand == "fp32")
+    # 4-bit hurts more than 8-bit, layer by layer
+    for lay in graph.layers[:3]:
+        assert values[(lay.name, "w4a16-g32")]["metric"] > values[(lay.name, "w8a8")]["metric"] > 0
+    again, rec2 = S.measure(graph, calib, scorer, pairs, cache=S.SensitivityCache(tmp_path, key), show_progress=False)
+    assert rec2["runs"] == 0 and again == values
+    # another key (other weights, data or options) starts afresh
+    assert S.SensitivityCache(tmp_path, S.fingerprint(model, calib, {"t": 2})).entries == {}
+    assert S.fingerprint(model, calib[:1], {"t": 1}) != key
