@@ -269,6 +269,19 @@ def update_results(path: Path, section: str) -> None:
     path.write_text(text.rstrip("\n") + "\n")
 
 
+def write_outputs(results: dict[str, Any], out: Path, stem: str, markdown: str, results_md: Path | None) -> None:
+    """``<out>/<stem>.json`` and ``.md``, the markdown's section in ``results_md`` (when given), and
+    the markdown on stdout."""
+    (out / f"{stem}.json").write_text(json.dumps(jsonable(results), indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown)
+    if results_md is not None:
+        update_results(results_md, markdown)
+        log(f"updated {results_md}")
+    print()
+    print(markdown)
+    log(f"done in {results['total_seconds'] / 60:.1f} min; wrote {out / (stem + '.json')}")
+
+
 def jsonable(x: Any) -> Any:
     if isinstance(x, dict):
         return {str(k): jsonable(v) for k, v in x.items()}

@@ -87,6 +87,7 @@ from _common import (
     parse_setting,
     short_error,
     update_results,
+    write_outputs,
     versions,
 )
 
@@ -852,20 +853,11 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             rec = results["models"].setdefault(name, {"name": name, "title": MODELS[name]["title"]})
             rec.update(error=short_error(e), traceback=traceback.format_exc(limit=8))
-        results["total_seconds"] = time.perf_counter() - T0
-        (args.out / f"{stem}.json").write_text(json.dumps(jsonable(results), indent=2) + "\n")
+        save()
     results["total_seconds"] = time.perf_counter() - T0
     results["load_average_at_end"] = list(os.getloadavg())
-    (args.out / f"{stem}.json").write_text(json.dumps(jsonable(results), indent=2) + "\n")
-    md = markdown(results)
-    (args.out / f"{stem}.md").write_text(md)
     results_md = args.results if args.results is not None else (None if args.quick else HERE / "RESULTS.md")
-    if results_md is not None:
-        update_results(results_md, md)
-        log(f"updated {results_md}")
-    print()
-    print(md)
-    log(f"done in {results['total_seconds'] / 60:.1f} min; wrote {args.out / (stem + '.json')}")
+    write_outputs(results, args.out, stem, markdown(results), results_md)
     return 0
 
 

@@ -41,6 +41,7 @@ import onnxruntime as ort
 
 from lowbit.backends.ort import qlinear
 from lowbit.backends.ort.qlinear import NodeBuilder
+from lowbit.compiler.costs import cpu_model
 
 FLOAT = ir.DataType.FLOAT
 SHAPES = [(576, 576), (576, 1536), (1536, 576)]  # SmolLM2-135M: attn proj, up/gate, down
@@ -571,7 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     md = to_markdown(rows, vs)
     meta = {"onnxruntime": ort.__version__, "onnx": onnx.__version__, "onnx_ir": ir.__version__,
             "numpy": np.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "cpu": _cpu_name(), "cpus": os.cpu_count(), "threads": args.threads,
+            "cpu": cpu_model(), "cpus": os.cpu_count(), "threads": args.threads,
             "linears_per_graph": N_LINEARS, "opset": OPSET, "rounds": rounds,
             "cache_flushed_before_each_run_at_T1": flush is not None,
             "loadavg_start": round(load0, 2), "loadavg_end": round(os.getloadavg()[0], 2),
@@ -583,16 +584,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(md)
     print(f"wrote {out / 'ort_linear_kernels.json'} and .md in {meta['seconds']}s")
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

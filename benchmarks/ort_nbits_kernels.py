@@ -50,7 +50,6 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ort_linear_kernels import (  # same folder: shared measurement helpers
     CacheFlusher,
-    _cpu_name,
     kernels_of,
     random_weight,
     realistic_activations,
@@ -60,6 +59,7 @@ from ort_linear_kernels import (  # same folder: shared measurement helpers
 
 from lowbit.backends.ort import nbits, qlinear
 from lowbit.backends.ort.qlinear import NodeBuilder
+from lowbit.compiler.costs import cpu_model
 from lowbit.passes.quantize_weights import QuantizedWeight, _storage, quantize_weight
 
 FLOAT = ir.DataType.FLOAT
@@ -288,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  done K={k} N={n} T={t} ({time.perf_counter() - start:.0f}s)", file=sys.stderr)
     md = to_markdown(rows, vs)
     meta = {"loadavg_end": [round(v, 2) for v in os.getloadavg()], "onnxruntime": ort.__version__,
-            "numpy": np.__version__, "python": platform.python_version(), "cpu": _cpu_name(),
+            "numpy": np.__version__, "python": platform.python_version(), "cpu": cpu_model(),
             "threads": args.threads, "linears_per_graph": N_LINEARS, "rounds": rounds,
             "seconds": round(time.perf_counter() - start, 1)}
     out = Path(args.out)

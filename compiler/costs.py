@@ -47,11 +47,12 @@ def default_cost_table() -> Path:
 
 def device_key(threads: int) -> str:
     """The machine an entry was measured on: backend, versions, CPU model, threads."""
-    cpu = _cpu_model()
+    cpu = cpu_model()
     return f"{BACKEND}-{ort.__version__}|{platform.machine()}|{cpu}|threads={threads}"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what the platform reports."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
