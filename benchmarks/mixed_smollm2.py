@@ -4,8 +4,11 @@ What it does, in one process:
 
 1. export SmolLM2-135M once and run the ``mixed`` recipe up to its planner (canonicalize,
    fold-norms, rotate, recognize, calibrate) on the default text's calibration windows;
-2. run ``plan-mixed`` at ``--budget 5.0bits``: the sensitivity analysis (every linear x every
-   candidate, timed), the cost table and the ILP, with ``pareto_points`` more budgets solved;
+2. run ``plan-mixed`` at ``--budget 5.0bits``: the sensitivity analysis (timed; ``--sensitivity
+   scaled``, the default: one exact run per linear, its other candidates scaled by their local
+   output errors; ``exact``: one run per linear and candidate), the cost table and the ILP, with
+   ``pareto_points`` more budgets solved; with ``scaled``, every ``--validate-every``-th linear
+   is also measured exactly and the two compared;
 3. with the planner's own ONNX Runtime session (every linear switchable between the kernels
    the artifact runs) measure, on **held-out** windows the planner never saw, for budgets of
    5.0 and 6.0 bits per linear weight (scales included):
@@ -24,9 +27,13 @@ What it does, in one process:
 6. optionally (``--scaling 10 20``) the analysis time on SmolLM2 truncated to 10, 20 layers
    (the full model gives the 30-layer point).
 
+``--only latency`` / ``--only scaling`` redo step 5 or 6 alone (e.g. on a quieter machine)
+and merge it into the earlier run's JSON and section.
+
 Usage::
 
     python benchmarks/mixed_smollm2.py [--out benchmarks/out/mixed_smollm2] [--latency 0.6] [--scaling 10 20]
+    python benchmarks/mixed_smollm2.py --only scaling --scaling 30
 
 Writes ``<out>/mixed_smollm2.json`` (after every stage, so a long run keeps what it measured)
 and replaces the section "## Mixed precision: SmolLM2-135M" of ``benchmarks/RESULTS.md``.
@@ -42,6 +49,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -144,6 +152,29 @@ def spearman(a, b) -> float:
     return float(spearmanr(a, b).statistic)
 
 
+def validate(graph, context, notes, args) -> dict[str, Any]:
+    """Exact (one run per layer and candidate) against scaled sensitivities on every Nth layer."""
+    from lowbit.compiler.explain import batched
+    from lowbit.compiler.sensitivity import Scorer, measure, reference_outputs
+
+    batches = batched(context.calibration_batches[: args.samples], 2048)
+    scorer = Scorer(reference_outputs(graph, batches), [b["input_ids"] for b in batches])
+    layers = [lay.name for lay in graph.layers][:: args.validate_every]
+    table = notes["table"]
+    pairs = [(layer, c) for layer in layers for c in table[layer] if c != "fp32"]
+    exact, record = measure(graph, batches, scorer, pairs, show_progress=False)
+    e = [exact[p]["metric"] for p in pairs]
+    sc = [table[layer][c]["metric"] for layer, c in pairs]
+    # within a layer, the order of its candidates (what the solver trades against bytes)
+    within = [spearman([exact[(layer, c)]["metric"] for c in table[layer] if c != "fp32"],
+                       [table[layer][c]["metric"] for c in table[layer] if c != "fp32"]) for layer in layers]
+    return {"layers": len(layers), "pairs": len(pairs), "spearman": spearman(e, sc),
+            "median_ratio_scaled_to_exact": float(np.median(np.array(sc) / np.maximum(e, 1e-12))),
+            "within_layer_spearman_median": float(np.nanmedian(within)), "exact_record": record,
+            "values": [{"layer": layer, "candidate": c, "exact": exact[(layer, c)]["metric"],
+                        "scaled": table[layer][c]["metric"]} for layer, c in pairs]}
+
+
 def evaluate(graph, scorer, feeds, choice) -> dict[str, float]:
     s = scorer.score(graph.run(feeds, np.asarray(choice, np.int64)))
     return {"kl": s["metric"], "ppl_increase": math.expm1(s["dnll"]), "dnll": s["dnll"]}
@@ -157,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--evals", type=int, default=16, help="held-out windows")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--samples", type=int, default=4, help="calibration windows the sensitivities are measured on")
+    ap.add_argument("--sensitivity", choices=["exact", "scaled"], default="scaled",
+                    help="plan-mixed.sensitivity: one run per (layer, candidate), or one per layer scaled by local errors")
+    ap.add_argument("--validate-every", type=int, default=5,
+                    help="with --sensitivity scaled: measure every Nth layer exactly too, and compare (0: no)")
     ap.add_argument("--budgets", type=float, nargs="+", default=[5.0, 6.0])
     ap.add_argument("--candidates", nargs="+", default=None, help="plan-mixed candidates (default: the recipe's)")
     ap.add_argument("--random", type=int, default=5)
@@ -164,10 +199,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency", type=float, default=None, help="also compile under --budget-latency this fraction")
     ap.add_argument("--scaling", type=int, nargs="*", default=[], help="truncated layer counts to time the analysis on")
     ap.add_argument("--results", default=str(HERE / "RESULTS.md"), help="markdown file whose section to replace ('': none)")
+    ap.add_argument("--only", choices=["latency", "scaling"],
+                    help="only the --latency check or the --scaling runs, merged into an earlier run's JSON and section")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("LOWBIT_CACHE", str(args.out / "cache"))
     out_json = args.out / "mixed_smollm2.json"
+    if args.only:
+        res = json.loads(out_json.read_text())
+        if args.only == "latency":
+            if args.latency is None:
+                ap.error("--only latency needs --latency X")
+            os.environ.setdefault("LOWBIT_CACHE", str(args.out / "cache"))  # the earlier run's sensitivities
+            res["settings"]["latency"] = args.latency
+            res["latency"] = latency_check(args)
+        else:
+            if not args.scaling:
+                ap.error("--only scaling needs --scaling N [N ...]")
+            options = {"budget": f"{args.budgets[0]}bits", "samples": args.samples, "sensitivity": args.sensitivity,
+                       "cost_table": str(args.out / "costs.json"), **({"candidates": args.candidates} if args.candidates else {})}
+            done = {s["layers"]: s for s in res.get("scaling", [])}
+            done.update({s["layers"]: s for s in scaling(args, options)})
+            res["scaling"] = sorted(done.values(), key=lambda s: s["layers"])
+            res["settings"]["scaling"] = sorted(done)
+        out_json.write_text(json.dumps(res, indent=1, default=float) + "\n")
+        if args.results:
+            write_section(Path(args.results), markdown(res))
+        return 0
+    if "LOWBIT_CACHE" not in os.environ:  # a fresh cache: the analysis is timed, not read back
+        shutil.rmtree(args.out / "cache", ignore_errors=True)
+        os.environ["LOWBIT_CACHE"] = str(args.out / "cache")
     res: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "load_average_at_start": os.getloadavg(), "python": platform.python_version()},
@@ -181,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     model, context, evals, prep_s = prepare(args.model, None, args.calib, args.evals, args.seq_len)
     res["prepare_seconds"] = prep_s
     options = {"budget": f"{args.budgets[0]}bits", "samples": args.samples, "pareto_points": args.pareto,
+               "sensitivity": args.sensitivity,
                "cost_table": str(args.out / "costs.json"), "measure_latency": args.latency is not None}
     if args.candidates:
         options["candidates"] = args.candidates
@@ -197,6 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     cands, S, B, allowed = matrices(notes, layers)
     weights = np.array([lay.shape[0] * lay.shape[1] for lay in graph.layers], float)
     bits = B * 8 / weights.sum()
+    if args.sensitivity == "scaled" and args.validate_every:
+        _log(f"exact sensitivities of every {args.validate_every}th layer, against the scaled ones")
+        res["validation"] = validate(graph, context, notes, args)
+        save()
+
     _log("held-out reference")
     scorer = Scorer(reference_outputs(graph, evals), [f["input_ids"] for f in evals])
     rows = []
@@ -238,18 +304,14 @@ def main(argv: list[str] | None = None) -> int:
     del graph, scorer
 
     if args.latency is not None:
-        res["latency"] = latency_check(args, notes)
+        res["latency"] = latency_check(args)
         save()
     if args.scaling:
-        res["scaling"] = [{"layers": len(layers), "analysis_seconds": notes["timings"]["analysis"],
+        depth = 1 + max(int(m.group(1)) for m in map(re.compile(r"\.layers\.(\d+)\.").search, layers) if m)
+        res["scaling"] = [{"layers": depth, "linears": len(layers), "analysis_seconds": notes["timings"]["analysis"],
                            "sensitivity_runs": notes["sensitivity"]["runs"]}]
-        for n in args.scaling:
-            _log(f"scaling: {n} layers")
-            m2, c2, _, _ = prepare(args.model, n, args.calib, 1, args.seq_len)
-            _, n2, g2, _ = run_planner(m2, c2, {**options, "pareto_points": 0, "cache": False, "measure_latency": False})
-            res["scaling"].append({"layers": n, "analysis_seconds": n2["timings"]["analysis"],
-                                   "sensitivity_runs": n2["sensitivity"]["runs"]})
-            del m2, c2, g2
+        for row in scaling(args, options):
+            res["scaling"].append(row)
             save()
     if args.results:
         write_section(Path(args.results), markdown(res))
@@ -257,17 +319,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def latency_check(args, notes) -> dict[str, Any]:
+def scaling(args, options):
+    """The analysis on SmolLM2 truncated to each of ``--scaling`` decoder layers (a row each, as they finish)."""
+    for n in args.scaling:
+        _log(f"scaling: {n} layers")
+        m2, c2, _, _ = prepare(args.model, n, args.calib, 1, args.seq_len)
+        _, n2, g2, _ = run_planner(m2, c2, {**options, "pareto_points": 0, "cache": False, "measure_latency": False})
+        yield {"layers": n, "linears": len(g2.layers), "analysis_seconds": n2["timings"]["analysis"],
+               "sensitivity_runs": n2["sensitivity"]["runs"], "timings": n2["timings"],
+               "load_average_after": os.getloadavg()}
+        del m2, c2, g2
+
+
+def latency_check(args) -> dict[str, Any]:
     """Compile under --budget-latency (the sensitivities are cached) and measure the artifact."""
     from lowbit.compiler.driver import compile as lowbit_compile
 
     out = args.out / "latency_artifact"
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     result = lowbit_compile(args.model, out, recipe="mixed", progress=False,
                             settings={"plan-mixed.budget_latency": f"{args.latency}x", "plan-mixed.samples": args.samples,
+                                      "plan-mixed.sensitivity": args.sensitivity,
                                       "plan-mixed.pareto_points": 0,
                                       "plan-mixed.cost_table": str(args.out / "costs.json")})
     m = result.manifest
@@ -277,7 +350,7 @@ def latency_check(args, notes) -> dict[str, Any]:
     measured = lat.get("ms", float("nan")) / lat.get("fp32_ms", float("nan"))
     return {"budget": args.latency, "predicted_ratio": n["achieved"].get("predicted_latency_ratio"),
             "measured_ratio": measured, "measured": lat, "within_10_percent": bool(measured <= args.latency * 1.1),
-            "accuracy": m["accuracy"], "counts": n["counts"]}
+            "accuracy": m["accuracy"], "counts": n["counts"], "planner_latency": n["latency"]}
 
 
 def _pct(v) -> str:
@@ -289,6 +362,9 @@ def markdown(res: dict[str, Any]) -> str:
     t = a.get("timings", {})
     st = res["settings"]
     cmd = (f"python benchmarks/mixed_smollm2.py --samples {st['samples']} --calib {st['calib']} --evals {st['evals']}"
+           f" --sensitivity {st.get('sensitivity', 'exact')}"
+           + (f" --latency {st['latency']}" if st.get("latency") is not None else "")
+           + (f" --scaling {' '.join(map(str, st['scaling']))}" if st.get("scaling") else "")
            + (f" --candidates {' '.join(st['candidates'])}" if st.get("candidates") else ""))
     lines = [SECTION, "",
              f"`{cmd}` ({res['date']}; {res['machine']['cpus']} CPUs, load average at start "
@@ -299,13 +375,24 @@ def markdown(res: dict[str, Any]) -> str:
              "input); sensitivities on the first "
              f"{res['settings']['samples']} calibration windows.", ""]
     if a:
-        lines += [f"Sensitivity analysis: {a['layers']} linears x {a['sensitivity']['candidates']} candidates, "
+        method = a["sensitivity"].get("method", "exact")
+        lines += [f"Sensitivity analysis ({method}: "
+                  + ("one run per layer and candidate" if method == "exact" else
+                     "one exact run per layer, its other candidates scaled by their local output errors")
+                  + f"): {a['layers']} linears x {a['sensitivity']['candidates']} candidates, "
                   f"{a['sensitivity']['runs']} runs: {t.get('analysis', 0):.0f} s in all (GPTQ Hessians "
                   f"{t.get('hessians', 0):.0f} s, building the candidate branches {t.get('build_graph', 0):.0f} s, runs "
                   f"{t.get('sensitivity_runs', 0):.0f} s = {a['sensitivity'].get('seconds_per_run') or 0:.2f} s each); "
                   f"planner total {a['planner_seconds']:.0f} s; load average when it ended "
                   f"{(a.get('load_average_after') or [float('nan')])[0]:.1f} on {res['machine']['cpus']} CPUs. Target: 15 min (900 s): "
                   f"{'PASS' if t.get('analysis', 1e9) <= 900 else 'FAIL'}.", ""]
+    v = res.get("validation")
+    if v:
+        r = v["exact_record"]
+        lines += [f"Scaled against exact sensitivities on every {st['validate_every']}th linear ({v['layers']} layers, "
+                  f"{v['pairs']} (layer, candidate) pairs, {r['runs']} exact runs of {r['seconds_per_run']:.2f} s each): "
+                  f"Spearman {v['spearman']:.3f} over all pairs, median within a layer {v['within_layer_spearman_median']:.3f}; "
+                  f"median scaled/exact ratio {v['median_ratio_scaled_to_exact']:.2f}.", ""]
     for row in res.get("budgets", []):
         b = row["budget_bits"]
         lines += [f"**{b:g} bits per linear weight**", "",
@@ -321,8 +408,11 @@ def markdown(res: dict[str, Any]) -> str:
         best = row.get("best_random")
         beats_uni = all(m["ppl_increase"] < u["ppl_increase"] for u in uni) if uni else None
         beats_rand = best is not None and m["ppl_increase"] < best["ppl_increase"]
-        lines += ["", f"mixed counts: {m['counts']}. Beats uniform 4-bit at the same or smaller size: "
-                      f"{'PASS' if beats_uni else 'FAIL' if beats_uni is not None else 'n/a'}; beats the best of "
+        beats_uni_kl = all(m["kl"] < u["kl"] for u in uni) if uni else None
+        lines += ["", f"mixed counts: {m['counts']}. Beats uniform 4-bit at the same or smaller size in perplexity: "
+                      f"{'PASS' if beats_uni else 'FAIL' if beats_uni is not None else 'n/a'} (in KL, the planner's "
+                      f"objective: {'PASS' if beats_uni_kl else 'FAIL' if beats_uni_kl is not None else 'n/a'}); "
+                      "beats the best of "
                       f"{len(row.get('random', []))} random plans: {'PASS' if beats_rand else 'FAIL'}.", ""]
     if res.get("pareto"):
         lines += ["Predicted (sum of per-layer sensitivities) vs measured KL over the Pareto plans:", "",
@@ -337,16 +427,27 @@ def markdown(res: dict[str, Any]) -> str:
                           f"{res.get('spearman_predicted_vs_calibration', float('nan')):.3f}.", ""]
     if res.get("latency"):
         lat = res["latency"]
-        lines += [f"Latency budget {lat['budget']}x of fp32: predicted {lat['predicted_ratio']:.3f}x, the artifact measured "
-                  f"{lat['measured_ratio']:.3f}x ({'PASS' if lat['within_10_percent'] else 'FAIL'}: within 10%).", ""]
+        pl = lat.get("planner_latency") or {}
+        lines += [f"Latency budget {lat['budget']}x of fp32 (T={pl.get('seq_len', 128)}): predicted {lat['predicted_ratio']:.3f}x, "
+                  f"the artifact measured {lat['measured_ratio']:.3f}x "
+                  f"({lat['measured']['ms']:.1f} vs {lat['measured']['fp32_ms']:.1f} ms; "
+                  f"{'PASS' if lat['within_10_percent'] else 'FAIL'}: within 10%); plan {lat['counts']}, perplexity "
+                  f"{_pct(lat['accuracy'].get('perplexity_increase'))}."
+                  + (f" Micro-benchmarks scaled by {pl['micro_benchmark_scale']:.2f} to the model's measured fp32 "
+                     f"linear time." if "micro_benchmark_scale" in pl else ""), ""]
     else:
         lines += ["Latency budget: not measured in this run (`--latency 0.6` compiles and times an artifact).", ""]
     if not res.get("scaling"):
         lines += ["Scaling of the analysis with depth: not measured in this run (`--scaling 10 20`).", ""]
     if res.get("scaling"):
-        lines += ["| layers | analysis seconds | runs |", "|---|---|---|"]
+        lines += ["Analysis time against depth (SmolLM2 truncated to its first layers):", "",
+                  "| decoder layers | linears | analysis seconds | seconds per linear | runs | load average after |",
+                  "|---|---|---|---|---|---|"]
         for s in sorted(res["scaling"], key=lambda s: s["layers"]):
-            lines.append(f"| {s['layers']} | {s['analysis_seconds']:.0f} | {s['sensitivity_runs']} |")
+            load = s.get("load_average_after")
+            lines.append(f"| {s['layers']} | {s.get('linears', '-')} | {s['analysis_seconds']:.0f} | "
+                         f"{s['analysis_seconds'] / s['linears'] if s.get('linears') else float('nan'):.2f} | "
+                         f"{s['sensitivity_runs']} | " + (f"{load[0]:.1f} |" if load else "- |"))
         lines.append("")
     lines.append(f"- Raw numbers: `{Path(res['settings']['out']).relative_to(HERE.parent) if Path(res['settings']['out']).is_relative_to(HERE.parent) else res['settings']['out']}/mixed_smollm2.json`.")
     return "\n".join(lines) + "\n"

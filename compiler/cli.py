@@ -73,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnxruntime (model.onnx, default) or tvm (lib.so + params.bin, run with the TVM runtime)")
     c.add_argument("--target", default="llvm", help="--backend tvm: llvm (this CPU, default) or cuda")
     c.add_argument("--arch", help="--backend tvm --target cuda: GPU architecture, e.g. sm_80, sm_90 (default sm_80)")
+    c.add_argument("--tune", type=int, default=0, metavar="N",
+                   help="--backend tvm --target llvm: MetaSchedule trials per quantized matmul, tuned at the "
+                        "--tune-seq-len lengths (default 0: dlight's schedules)")
+    c.add_argument("--tune-seq-len", type=int, nargs="+", metavar="L",
+                   help="--tune: sequence lengths (batch 1) to tune and build specialised entries for (default 1 128)")
+    c.add_argument("--tuning-db", metavar="DIR",
+                   help="--tune: MetaSchedule database folder to reuse and extend (or an earlier TVM artifact); "
+                        "kernels it has records for are not tuned again")
     c.add_argument("--keep-reference", action="store_true",
                    help="also keep the imported fp32 graph (reference.onnx) so 'lowbit explain' need not export again")
 
@@ -214,9 +222,11 @@ def _mixed_settings(args) -> dict[str, Any]:
 
 def _backend_options(args) -> dict[str, Any]:
     backend = "onnxruntime" if args.backend == "ort" else args.backend
+    tuning = {k: v for k, v in (("tune", args.tune), ("tune_seq_lens", args.tune_seq_len), ("tuning_db", args.tuning_db))
+              if v}
     if backend == "onnxruntime":
-        return {} if args.target == "llvm" and not args.arch else {"target": args.target, "arch": args.arch}
-    return {"backend": backend, "target": args.target, "arch": args.arch}
+        return tuning | ({} if args.target == "llvm" and not args.arch else {"target": args.target, "arch": args.arch})
+    return {"backend": backend, "target": args.target, "arch": args.arch} | tuning
 
 
 def cmd_run(args) -> int:

@@ -39,6 +39,8 @@ BACKEND = "onnxruntime"
 #: seconds of timed runs per measurement (at least MIN_REPEATS runs)
 TIME_TARGET_S = 0.25
 MIN_REPEATS = 5
+#: a reused latency whose fresh probe differs by more than this factor marks the table stale
+STALE_FACTOR = 1.5
 
 
 def default_cost_table() -> Path:
@@ -77,6 +79,8 @@ class CostTable:
         self.entries: dict[str, dict[str, Any]] = {}
         self.measured = 0
         self.reused = 0
+        #: set when :func:`layer_costs` found the stored latencies stale and measured them again
+        self.remeasured: dict[str, Any] | None = None
         self.seconds = 0.0
         if self.path is not None and self.path.is_file():
             try:
@@ -180,7 +184,25 @@ def layer_costs(
     table: CostTable, shapes: Sequence[tuple[int, int]], candidates: Sequence[Candidate], seq_len: int, *,
     latency: bool,
 ) -> dict[tuple[tuple[int, int], str], dict[str, Any]]:
-    """Costs of every (shape, candidate); latency with the call overhead removed (>= 0)."""
+    """Costs of every (shape, candidate); latency with the call overhead removed (>= 0).
+
+    A table measured on another day can be off as a whole, and not by one factor: under
+    load the fp32 GEMMs slow down more than the int8 ones. Before reusing latencies, the
+    fp32 entry of the largest shape is timed again; if it moved by more than
+    ``STALE_FACTOR``, this model's entries are measured afresh (``table.remeasured``).
+    """
+    if latency and shapes:
+        probe = max(dict.fromkeys(shapes), key=lambda s: s[0] * s[1])
+        fp32 = Candidate("fp32")
+        old = table.entries.get(table._key(probe, fp32, seq_len), {}).get("ms")
+        if old is not None:
+            now = measure_linear(probe, fp32, seq_len, threads=table.threads, opset_imports=table.opset_imports)["ms"]
+            if not 1 / STALE_FACTOR <= now / old <= STALE_FACTOR:
+                table.remeasured = {"probe": f"{probe[0]}x{probe[1]} fp32", "table_ms": old, "now_ms": now}
+                for shape in dict.fromkeys(shapes):
+                    table.entries.pop(f"{table.device}|T={seq_len}|{shape[0]}|overhead", None)
+                    for cand in candidates:
+                        table.entries.pop(table._key(shape, cand, seq_len), None)
     out = {}
     for shape in dict.fromkeys(shapes):
         over = table.overhead_ms(shape[0], seq_len) if latency else 0.0

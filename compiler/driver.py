@@ -72,6 +72,9 @@ def compile(  # noqa: A001 - the verb users expect
     backend: str = "onnxruntime",
     target: str = "llvm",
     arch: str | None = None,
+    tune: int = 0,
+    tune_seq_lens: Sequence[int] | None = None,
+    tuning_db: str | Path | None = None,
 ) -> CompileResult:
     """Compile ``source`` (path to .onnx / HF folder / llama2.c .bin, or an nn.Module) into ``output``.
 
@@ -90,6 +93,9 @@ def compile(  # noqa: A001 - the verb users expect
         backend: "onnxruntime" (``model.onnx``) or "tvm" (``lib.so`` + ``params.bin``; the recipe's
             ``lower-ort`` becomes ``lower-tvm``, see ``lowbit.backends.tvm.artifact``).
         target / arch: TVM only: "llvm" or "cuda", and the CUDA architecture (``sm_80``, ``sm_90``...).
+        tune / tune_seq_lens / tuning_db: TVM on LLVM only: MetaSchedule trials per quantized
+            matmul, the sequence lengths to tune at (default 1 and 128), and a tuning database
+            folder to reuse and extend (see ``lowbit.backends.tvm.tune``).
     """
     start = time.perf_counter()
     recipe_obj = load_recipe(recipe)
@@ -107,9 +113,12 @@ def compile(  # noqa: A001 - the verb users expect
         from lowbit.backends.tvm import artifact as tvm_artifact
 
         tvm_artifact.check_available(target, arch)
+        tvm_artifact.check_tuning(target, tune, tune_seq_lens, tuning_db)
         tvm_artifact.prepare_recipe(recipe_obj)
     elif arch or target != "llvm":
         raise InputError("--target and --arch apply to --backend tvm only")
+    elif tune or tune_seq_lens or tuning_db is not None:
+        raise InputError("--tune, --tune-seq-len and --tuning-db apply to --backend tvm only")
     passes = recipe_obj.build()
 
     with ArtifactWriter(output) as writer, tempfile.TemporaryDirectory(prefix="lowbit-ref-") as tmp:
@@ -132,7 +141,8 @@ def compile(  # noqa: A001 - the verb users expect
         model = run_pipeline(model, passes, context=context, instruments=instruments)
         backend_info, art_note = None, None
         if backend == "tvm":
-            built = tvm_artifact.build_artifact(model, writer.path, target=target, arch=arch, threads=threads)
+            built = tvm_artifact.build_artifact(model, writer.path, target=target, arch=arch, threads=threads,
+                                                tune=tune, tune_seq_lens=tune_seq_lens, tuning_db=tuning_db)
             backend_info, art_note = built.info, built.note
         else:
             writer.save_model(model)

@@ -8,8 +8,10 @@ Policy only, like ``plan``: the pass writes a plan and rewrites nothing.
    the final-output KL divergence from fp32 (and the change of the next-token
    NLL) on calibration data when only that layer takes that candidate, measured
    in one ONNX Runtime session whose linears are ``If`` trees over their lowered
-   candidates, selected by an input. Cached on disk by model, weights, candidates
-   and data.
+   candidates, selected by an input; a run for one layer starts at that layer (the
+   fp32 prefix is fed, not recomputed). Cached on disk by model, weights,
+   candidates and data. ``sensitivity = "scaled"`` measures one candidate per layer
+   and scales it to the others by their local output errors (one run per layer).
 3. **Cost** (``lowbit.compiler.costs``): bytes of each lowered candidate, and its
    latency for the layer's shape measured by ORT micro-benchmarks at
    ``latency_seq_len`` tokens, in a reusable cost table.
@@ -23,9 +25,11 @@ Policy only, like ``plan``: the pass writes a plan and rewrites nothing.
      as it will be stored: embedding tables as ``quantize-embeddings`` leaves them
      when ``quantized_embeddings``);
    * ``budget_latency = "0.5x"``: the fp32 model's latency at ``latency_seq_len``
-     tokens, predicted as the fp32 model's measured latency minus its linears' measured
-     fp32 time plus the chosen candidates' measured time (a size and a latency budget
-     may be combined);
+     tokens, predicted as the measured latency of the model with its linears stubbed out
+     (a broadcast of their output shape) plus the chosen candidates' micro-benchmarked
+     times, scaled so that all-fp32 gives the fp32 model's measured latency (a cost
+     table from another day or load keeps its ratios, not its absolute times; a size
+     and a latency budget may be combined);
    * ``max_kl = 0.02`` / ``max_ppl_increase = "2%"``: the dual, the smallest plan (in
      bytes) whose predicted KL (or predicted perplexity ratio ``exp(sum dNLL)``) stays
      within the target.
@@ -87,6 +91,7 @@ class PlanMixedPrecisionPass(LowbitPass):
         max_ppl_increase: the smallest plan whose predicted perplexity increase is at most this, e.g. "2%" ("": unused).
         candidates: what each linear may become: fp32, w8a8, w8a16, w4a16-gG, w4a8-gG (G: group size).
         samples: calibration batches the sensitivities are measured on.
+        sensitivity: "exact" (one run per layer and candidate) or "scaled" (one run per layer, the other candidates scaled by their local output error; see compiler/sensitivity.py).
         max_tokens: tokens per ONNX Runtime run (batches are stacked up to this).
         weight_algorithm_8bit: weight algorithm of the 8-bit candidates ("rtn", "mse", "gptq").
         weight_algorithm_4bit: weight algorithm of the 4-bit candidates ("rtn", "mse", "gptq").
@@ -115,6 +120,7 @@ class PlanMixedPrecisionPass(LowbitPass):
         max_ppl_increase: str = "",
         candidates: list[str] | None = None,
         samples: int = 8,
+        sensitivity: str = "exact",
         max_tokens: int = 2048,
         weight_algorithm_8bit: str = "rtn",
         weight_algorithm_4bit: str = "gptq",
@@ -138,6 +144,9 @@ class PlanMixedPrecisionPass(LowbitPass):
         self.max_ppl_increase = str(max_ppl_increase or "")
         self.candidates = list(candidates or DEFAULT_CANDIDATES)
         self.samples = int(samples)
+        self.sensitivity = str(sensitivity)
+        if self.sensitivity not in ("exact", "scaled"):
+            raise InputError(f"plan-mixed.sensitivity must be 'exact' or 'scaled', got {self.sensitivity!r}")
         self.max_tokens = int(max_tokens)
         self.weight_algorithm_8bit = weight_algorithm_8bit
         self.weight_algorithm_4bit = weight_algorithm_4bit
@@ -302,17 +311,19 @@ class PlanMixedPrecisionPass(LowbitPass):
                                              show_progress=self.context.progress)
             timings["hessians"] = time.perf_counter() - th
         tb = time.perf_counter()
+        local = (sens_mod.layer_inputs(model, [lin.x.name for lin in linears], batches, threads=self.threads)
+                 if self.sensitivity == "scaled" else None)
         graph = sens_mod.SensitivityGraph(
             model, cands, layer_plan=lambda c, layer: self._layer_plan(c), stats=self.context.stats,
-            hessians=hessians, threads=self.threads, show_progress=self.context.progress,
+            hessians=hessians, threads=self.threads, local_inputs=local, show_progress=self.context.progress,
         )
-        del hessians
+        del hessians, local
         timings["build_graph"] = time.perf_counter() - tb
         tr = time.perf_counter()
         scorer = sens_mod.Scorer(sens_mod.reference_outputs(graph, batches), ids)
         timings["reference_run"] = time.perf_counter() - tr
-        values, record = sens_mod.measure(graph, batches, scorer, pairs, cache=cache,
-                                          show_progress=self.context.progress)
+        how = sens_mod.measure_scaled if self.sensitivity == "scaled" else sens_mod.measure
+        values, record = how(graph, batches, scorer, pairs, cache=cache, show_progress=self.context.progress)
         timings["sensitivity_runs"] = record["seconds"]
         S = np.zeros((L, C))
         D = np.zeros((L, C))
@@ -336,11 +347,15 @@ class PlanMixedPrecisionPass(LowbitPass):
             constraints.append(allocate.Constraint("budget", nbytes, self._size.value - fixed_bytes,
                                                    show=lambda v, f=fixed_bytes: f"{v + f:,.0f} bytes ({(v + f) / 1e6:.3f} MB)"))
         if self._latency is not None:
-            fp32_ms = self._model_latency(model)
+            fp32_ms, other = self._model_latency(model)
             j32 = cnames.index("fp32")
-            other = fp32_ms - float(ms[:, j32].sum())
-            latency_info = {"fp32_model_ms": fp32_ms, "fp32_linears_ms": float(ms[:, j32].sum()), "other_ms": other,
-                            "seq_len": self.latency_seq_len, "threads": self.threads}
+            # the micro-benchmarks (perhaps from another day's cost table, or another load) are put on the
+            # scale of this model here and now: its linears, all fp32, take fp32_ms - other
+            micro = float(ms[:, j32].sum())
+            scale = (fp32_ms - other) / micro if micro > 0 else 1.0
+            ms = ms * scale
+            latency_info = {"fp32_model_ms": fp32_ms, "fp32_linears_ms": fp32_ms - other, "other_ms": other,
+                            "micro_benchmark_scale": scale, "seq_len": self.latency_seq_len, "threads": self.threads}
             constraints.append(allocate.Constraint(
                 "latency budget", ms, self._latency * fp32_ms - other,
                 show=lambda v, o=other, f=fp32_ms: f"{(v + o) / f:.3f}x of fp32 ({v + o:.2f} ms at T={self.latency_seq_len})"))
@@ -425,7 +440,7 @@ class PlanMixedPrecisionPass(LowbitPass):
             "tokens": int(sum(max(np.asarray(v).size for v in b.values()) for b in batches)),
             "sensitivity": {**record, "layers": L, "candidates": C, "cache": str(cache.path) if cache.path else None},
             "cost_table": {"path": str(table.path) if table.path else None, "measured": table.measured,
-                           "reused": table.reused, "device": table.device},
+                           "reused": table.reused, "device": table.device, "remeasured": table.remeasured},
             "timings": {k: round(v, 3) for k, v in timings.items()},
         }
         return plan
@@ -480,9 +495,11 @@ class PlanMixedPrecisionPass(LowbitPass):
             total += tables.get(id(v), v.const_value.nbytes)
         return int(total)
 
-    def _model_latency(self, model: ir.Model) -> float:
-        """Median ms of the fp32 model (as it stands) at ``latency_seq_len`` tokens."""
+    def _model_latency(self, model: ir.Model) -> tuple[float, float]:
+        """Median ms at ``latency_seq_len`` tokens of the fp32 model as it stands, and of the same model with
+        every linear replaced by a broadcast of its output shape (what is not the linears), interleaved."""
         from lowbit.compiler.costs import _median_ms
+        from lowbit.compiler.irutil import add_initializer, replace_value
         from lowbit.compiler.ortsession import session_for
 
         adapter = self.context.adapter
@@ -490,6 +507,23 @@ class PlanMixedPrecisionPass(LowbitPass):
             feed = adapter.make_inputs([[1 + (i % 100) for i in range(self.latency_seq_len)]])
         else:
             feed = self.context.calibration_batches[0]
-        session = session_for(model, threads=self.threads)
-        names = {i.name for i in session.get_inputs()}
-        return _median_ms(session, {k: v for k, v in feed.items() if k in names})
+        stub = ir.from_proto(ir.to_proto(model))
+        for lin in find_linears(stub.graph)[0]:
+            n = lin.shape[1]
+            first = add_initializer(stub.graph, f"{lin.name}#stub_first", np.array([0], np.int64))
+            one = add_initializer(stub.graph, f"{lin.name}#stub_one", np.array([1], np.int64))
+            axis = add_initializer(stub.graph, f"{lin.name}#stub_axis", np.array([-1], np.int64))
+            zeros = add_initializer(stub.graph, f"{lin.name}#stub_zeros", np.zeros(n, np.float32))
+            col = ir.node("Slice", [lin.x, first, one, axis], name=f"{lin.name}#stub_slice")
+            out = ir.node("Mul", [col.outputs[0], zeros], name=f"{lin.name}#stub")
+            stub.graph.insert_before(lin.node, [col, out])
+            replace_value(lin.node.outputs[0], out.outputs[0])
+            stub.graph.remove(lin.node, safe=True)
+        sessions = [session_for(m, threads=self.threads) for m in (model, stub)]
+        feeds = [{k: v for k, v in feed.items() if k in {i.name for i in s.get_inputs()}} for s in sessions]
+        times: list[list[float]] = [[], []]
+        for _ in range(3):  # interleaved: a change of load hits both
+            for i, (s, f) in enumerate(zip(sessions, feeds)):
+                times[i].append(_median_ms(s, f))
+        full, other = (float(np.median(t)) for t in times)
+        return full, min(other, full)

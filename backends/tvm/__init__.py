@@ -9,6 +9,8 @@ One module per concern:
 * ``relax_import``: lowered IR -> Relax (lowbit's operators by lowbit, the float rest by
   TVM's ONNX importer).
 * ``targets``, ``build``: target parsing; fusion, dlight schedules, ``tvm.compile``, export.
+* ``tune``: MetaSchedule tuning of the quantized matmuls at static sequence lengths
+  (``--tune``): specialised entry functions, the tuning database, applying its records.
 * ``cuda``: nvcc, the embedded fatbin, PTX inspection.
 * ``artifact``: the driver's side (recipe swap, build into the artifact, evaluation session).
 * ``runtime``: loading and running an artifact with the TVM runtime alone.

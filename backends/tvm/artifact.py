@@ -6,6 +6,8 @@ driver calls :func:`prepare_recipe`, which replaces that pass with ``lower-tvm``
 backends and the plan is the same. After the passes, :func:`build_artifact` compiles
 the lowered IR into the artifact folder and returns a session for the driver's
 verification against fp32 (None when the target cannot run here: CUDA without a GPU).
+``--tune N`` / ``--tune-seq-len`` / ``--tuning-db`` are checked here (:func:`check_tuning`)
+and carried out by the build (:mod:`lowbit.backends.tvm.tune`).
 """
 
 from __future__ import annotations
@@ -63,6 +65,23 @@ def check_available(target: str, arch: str | None) -> None:
         cuda.find_nvcc()
 
 
+def check_tuning(target: str, tune: int, seq_lens, tuning_db) -> None:
+    """Fail early on tuning flags that cannot apply: ``--tune`` on CUDA, negative trials or lengths."""
+    if not (tune or seq_lens or tuning_db is not None):
+        return
+    if target != "llvm":
+        raise InputError("--tune, --tune-seq-len and --tuning-db apply to --target llvm only "
+                         "(CUDA kernels use dlight's GPU rules)")
+    if tune < 0:
+        raise InputError(f"--tune {tune}: expected a number of trials per kernel (0: apply --tuning-db only)")
+    if seq_lens and not tune and tuning_db is None:
+        raise InputError("--tune-seq-len needs --tune N (or --tuning-db DIR)")
+    if seq_lens and any(int(n) < 1 for n in seq_lens):
+        raise InputError(f"--tune-seq-len {list(seq_lens)}: lengths must be positive")
+    if tuning_db is not None and Path(tuning_db).exists() and not Path(tuning_db).is_dir():
+        raise InputError(f"--tuning-db {tuning_db}: not a folder")
+
+
 def build_artifact(
     model: ir.Model,
     folder: Path,
@@ -70,14 +89,20 @@ def build_artifact(
     target: str = "llvm",
     arch: str | None = None,
     threads: int | None = None,
+    tune: int = 0,
+    tune_seq_lens=None,
+    tuning_db=None,
 ) -> Built:
-    """Compile ``model`` (after ``lower-tvm``) into ``folder``; a session to verify it with, if it can run here."""
+    """Compile ``model`` (after ``lower-tvm``) into ``folder``; a session to verify it with, if it can run here.
+
+    ``tune`` / ``tune_seq_lens`` / ``tuning_db``: MetaSchedule tuning (:mod:`lowbit.backends.tvm.tune`)."""
     from lowbit.backends.tvm import build, runtime
     from lowbit.backends.tvm.lower import is_lowered
 
     if not is_lowered(model):
         logger.info("no lowbit.tvm operator in the graph: nothing was quantized for TVM (float model)")
-    result = build.build(model, folder, target=target, arch=arch)
+    result = build.build(model, folder, target=target, arch=arch, tune_trials=tune, tune_seq_lens=tune_seq_lens,
+                         tuning_db=tuning_db)
     info = result.info
     if info["target_kind"] == "cuda":
         import tvm

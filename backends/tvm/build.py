@@ -4,9 +4,11 @@ Pipeline (one ``tvm.transform.Pass`` handed to ``tvm.compile``)::
 
     FuseTransposeMatmul          x @ permute_dims(W) -> one NT matmul (weights are [N, K])
     LegalizeOps                  Relax ops -> TIR PrimFuncs
+    LowbitUnifySymbolicVars      the legalized shape functions' variables -> batch/seq (relax_import)
     AnnotateTIROpPattern, FoldConstant
     FuseDecodeMatmul             lowbit_decode_* feeding a matmul -> one kernel (FuseOpsByPattern + FuseTIR)
     AnnotateTIROpPattern, FuseOps, FuseTIR      elementwise prologues/epilogues
+    LowbitApplyTuningDatabase    --tune / --tuning-db only: MetaSchedule's records (lowbit.backends.tvm.tune)
     dlight                       default schedules for what is left
     + the target's dataflow-lowering and finalisation passes (TVM's own lists)
 
@@ -37,7 +39,8 @@ from tvm import relax, tirx
 from tvm.relax.dpl import GlobalVarPattern, TuplePattern, is_op, wildcard
 
 from lowbit.backends.tvm import kernels, targets
-from lowbit.backends.tvm.relax_import import to_relax
+from lowbit.backends.tvm.relax_import import to_relax, unify_symbolic_vars
+from lowbit.compiler.errors import InputError
 
 logger = logging.getLogger("lowbit")
 LIB = "lib.so"
@@ -107,6 +110,7 @@ def fusion_passes() -> list:
     return [
         relax.transform.FuseTransposeMatmul(),
         relax.transform.LegalizeOps(),
+        unify_symbolic_vars,
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         fuse_decode_matmul(),
@@ -117,8 +121,9 @@ def fusion_passes() -> list:
     ]
 
 
-def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    """The whole Relax pipeline for ``target`` (see the module docstring)."""
+def relax_pipeline(target: tvm.target.Target, *, tuned: tvm.transform.Pass | None = None) -> tvm.transform.Pass:
+    """The whole Relax pipeline for ``target`` (see the module docstring); ``tuned``: a pass that
+    gives kernels their tuned schedules (``tune.apply_database``), run before dlight."""
     backend = _backend_module(target)
 
     @tvm.transform.module_pass(opt_level=0, name="LowbitTVMPipeline")
@@ -127,6 +132,8 @@ def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
             passes = list(backend.library_dispatch_passes(target)) + fusion_passes()
             if target.kind.name == "cuda":
                 passes.append(_mark_int8_no_tensorize)
+            if tuned is not None:
+                passes.append(tuned)
             passes.append(_default_schedule(target))
             passes += list(backend.dataflow_lower_passes(target)) + list(backend.finalize_passes(target))
             return tvm.transform.Sequential(passes)(mod)
@@ -180,21 +187,54 @@ def build(
     *,
     target: str = "llvm",
     arch: str | None = None,
+    tune_trials: int = 0,
+    tune_seq_lens: list[int] | tuple[int, ...] | None = None,
+    tuning_db: str | os.PathLike | None = None,
 ) -> BuildResult:
-    """Compile the lowered ``model`` for ``target`` into ``out_dir`` (``lib.so``, ``params.bin``)."""
+    """Compile the lowered ``model`` for ``target`` into ``out_dir`` (``lib.so``, ``params.bin``).
+
+    ``tune_trials`` > 0 or a ``tuning_db``: specialise ``main`` to batch 1 and each of
+    ``tune_seq_lens`` (``main_t{L}``), tune their quantized matmuls with MetaSchedule
+    (``tune_trials`` trials each, only those ``tuning_db`` has no record for) and build
+    them with the tuned schedules; the database is written to ``out_dir/tuning`` (see
+    :mod:`lowbit.backends.tvm.tune`).
+    """
     out = Path(out_dir)
     tgt = targets.make_target(target, arch)
     info: dict[str, Any] = {"target": targets.describe(tgt), "target_kind": tgt.kind.name}
     t0 = time.perf_counter()
     mod, names, arrays = to_relax(model)
     info["import_seconds"] = round(time.perf_counter() - t0, 3)
+    files = [LIB, PARAMS]
+    tuned_pass, applied = None, []
+    if tune_trials or tuning_db is not None:
+        from lowbit.backends.tvm import tune
+
+        if tgt.kind.name != "llvm":
+            raise InputError("--tune and --tuning-db apply to --target llvm only (CUDA kernels use dlight's GPU rules)")
+        lens = sorted({int(n) for n in (tune_seq_lens or tune.DEFAULT_SEQ_LENS)})
+        mod, entries = tune.specialise(mod, lens)
+        folder = out / tune.DB_FOLDER
+        back = tune.seed_database(folder, tuning_db)
+        with warnings_quiet(), tgt:
+            fused = tvm.transform.Sequential(list(_backend_module(tgt).library_dispatch_passes(tgt)) + fusion_passes())(mod)
+            info["tuning"] = tune.tune(fused, tgt, folder, int(tune_trials))
+            winners, info["tuning"]["timed_ms"] = tune.keep_faster(fused, tgt, folder)
+        tune.write_back(folder, back)
+        info["tuning"].update({"seq_lens": lens, "database": tune.DB_FOLDER,
+                               "source_database": str(Path(tuning_db).resolve()) if tuning_db is not None else None})
+        inputs = [v.name for v in model.graph.inputs]
+        info["entries"] = [e | {"shapes": dict(zip(inputs, e["shapes"]))} for e in entries]
+        tuned_pass = tune.apply_database(folder, tgt, applied, winners)
+        files += [f"{tune.DB_FOLDER}/{n}" for n in tune.DB_FILES if (folder / n).is_file()]
     t2 = time.perf_counter()
     UNSCHEDULED.clear()
     with warnings_quiet(), _device_context(tgt):
-        ex = tvm.compile(mod, target=tgt, relax_pipeline=relax_pipeline(tgt))
+        ex = tvm.compile(mod, target=tgt, relax_pipeline=relax_pipeline(tgt, tuned=tuned_pass))
     info["compile_seconds"] = round(time.perf_counter() - t2, 3)
     info["unscheduled_kernels"] = list(UNSCHEDULED)
-    files = [LIB, PARAMS]
+    if "tuning" in info:
+        info["tuning"]["applied_kernels"] = sorted(applied)
     if tgt.kind.name == "cuda":
         from lowbit.backends.tvm import cuda
 

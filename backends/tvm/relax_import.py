@@ -18,6 +18,18 @@ unknown or uses variables other than the graph inputs' dimensions, the output is
 ``match_cast`` to the shape ONNX shape inference recorded on the IR (which names the
 same ``batch``/``seq``), so downstream broadcasting stays shape-checked.
 
+Those ``match_cast`` hints leave the importer's own variables (``range_len_0`` for a
+``Range`` of length ``seq``; ``s``, ``s_1`` that ``LegalizeOps`` gives a
+``dynamic_strided_slice``) defined *after* the function's inputs, and only asserted
+equal to ``batch``/``seq``. TVM 0.27's ``FuseTIR`` then rewrites other calls' output
+shapes in terms of those later variables (a PrimFunc that ``LegalizeOps`` shared
+between two call sites keeps the first site's variables), so ``VMShapeLower`` finds
+a tensor of shape ``[s, range_len_0, 576]`` allocated before ``s`` exists (SmolLM2's
+attention mask). :func:`unify_symbolic_vars` removes such variables: every variable
+that a ``match_cast`` equates with an expression of the inputs' dimensions is
+replaced by that expression, and the ``match_cast`` that defined it becomes a
+runtime check. It runs after the import and again after ``LegalizeOps``.
+
 Initializers of at least :data:`PARAM_MIN_ELEMENTS` elements become function
 parameters (saved beside the library as ``params.bin``); smaller ones stay constants,
 so shape tensors fold.
@@ -226,6 +238,58 @@ def emit_packed_linear(bb: relax.BlockBuilder, x, packed, scale, zero, *, bits: 
     return bb.normalize(relax.op.matmul(x, relax.op.permute_dims(w)))
 
 
+def _dims(ty) -> list | None:
+    """The dimensions of a tensor or shape type, when known (None otherwise)."""
+    if isinstance(ty, relax.TensorType) and isinstance(ty.shape, relax.ShapeExpr):
+        return list(ty.shape.values)
+    if isinstance(ty, relax.ShapeType) and ty.values is not None:
+        return list(ty.values)
+    return None
+
+
+def _free_vars(e) -> list:
+    return [] if isinstance(e, tirx.IntImm) else list(tirx.analysis.undefined_vars(e))
+
+
+def symbolic_equalities(func: relax.Function) -> dict:
+    """``{var: expr}``: variables that a ``match_cast`` of ``func`` equates with an expression
+    of the parameters' dimensions or a constant (where both sides of the cast have known
+    dimensions; constants once ``--tune`` has bound ``batch``/``seq``)."""
+    known = {v for p in func.params for d in (_dims(p.ty) or []) for v in _free_vars(d)}
+    found: dict = {}
+    changed = True
+    while changed:  # an equality may express a variable through one found before
+        changed = False
+        for block in func.body.blocks:
+            for b in block.bindings:
+                if not isinstance(b, relax.MatchCast):
+                    continue
+                src, dst = _dims(b.value.ty), _dims(b.ty)
+                if src is None or dst is None or len(src) != len(dst):
+                    continue
+                for a, c in zip(src, dst):
+                    for var, expr in ((a, c), (c, a)):
+                        if (isinstance(var, tirx.Var) and var not in known and var not in found
+                                and not expr.same_as(var)
+                                and all(v in known for v in _free_vars(expr))):
+                            found[var] = expr
+                            known.add(var)
+                            changed = True
+    return found
+
+
+@tvm.transform.module_pass(opt_level=0, name="LowbitUnifySymbolicVars")
+def unify_symbolic_vars(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Replace, in every Relax function, the symbolic variables that ``match_cast`` equates
+    with the inputs' dimensions by those dimensions (see the module docstring)."""
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            found = symbolic_equalities(func)
+            if found:
+                mod = relax.transform.BindSymbolicVars(found, gv.name_hint)(mod)
+    return mod
+
+
 def to_relax(model: ir.Model) -> tuple[tvm.IRModule, list[str], list[np.ndarray]]:
     """``(module, parameter names, parameter arrays)``: ``main(inputs..., params...)``."""
     proto = ir.to_proto(model)
@@ -249,4 +313,4 @@ def to_relax(model: ir.Model) -> tuple[tvm.IRModule, list[str], list[np.ndarray]
     names = list(importer._params)
     arrays = [importer._params[n][1].numpy() for n in names]
     mod["main"] = mod["main"].without_attr("params")  # the arrays live in params.bin, not in the library
-    return mod, names, arrays
+    return unify_symbolic_vars(mod), names, arrays

@@ -20,6 +20,11 @@ Without lowbit at all, the same takes four calls (what :class:`TVMModel` does)::
     p = tvm.runtime.load_param_dict_from_file("out/params.bin")
     logits = vm["main"](tvm.runtime.tensor(ids), *[p[n] for n in m["params"]]).numpy()
 
+An artifact compiled with ``--tune`` also has ``main_t{L}`` functions, specialised to
+batch 1 and sequence length ``L`` and built with MetaSchedule-tuned matmuls
+(``manifest["tvm"]["entries"]`` gives their input shapes); :meth:`TVMModel.run` calls
+the one whose shapes the inputs have, and ``main`` for any other shape.
+
 :class:`Artifact` adds the tokenizer and greedy generation (``lowbit run``), with the
 same interface as the ONNX Runtime artifact; :class:`Session` looks like an
 ``onnxruntime.InferenceSession`` so the compiler's evaluation code measures a TVM
@@ -81,14 +86,21 @@ class TVMModel:
         self.params = [params[n].copyto(self.device) if kind == "cuda" else params[n] for n in meta["params"]]
         self.input_names = list(meta["inputs"])
         self.output_names = list(meta["outputs"])
+        #: tuned entry functions (``--tune``): input shapes -> function name
+        self.entries = {tuple(tuple(e["shapes"][n]) for n in self.input_names): e["function"]
+                        for e in meta.get("entries", [])}
         self._tvm = tvm
+
+    def entry(self, feeds: dict[str, np.ndarray]) -> str:
+        """The function that runs ``feeds``: the tuned ``main_t{L}`` whose static shapes they have, else ``main``."""
+        return self.entries.get(tuple(tuple(np.shape(feeds[n])) for n in self.input_names), "main")
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [n for n in self.input_names if n not in feeds]
         if missing:
             raise _error(f"inputs lack {missing} (the model takes {self.input_names})")
         args = [self._tvm.runtime.tensor(np.ascontiguousarray(feeds[n]), self.device) for n in self.input_names]
-        out = self.vm["main"](*args, *self.params)
+        out = self.vm[self.entry(feeds)](*args, *self.params)
         outs = list(out) if not hasattr(out, "numpy") else [out]
         return {n: o.numpy() for n, o in zip(self.output_names, outs)}
 

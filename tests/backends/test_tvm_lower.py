@@ -16,7 +16,7 @@ from lowbit.compiler.errors import InputError
 from lowbit.compiler.ortsession import session_options
 from lowbit.passes.plan import PlanUniformPass
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
-from tests.graphs import mlp
+from tests.graphs import causal_mask_lm, mlp
 
 SHAPE = {"k": 64, "hidden": 96, "n": 32}  # "down" has K = 96: 3 groups of 32, and not a multiple of 64
 
@@ -129,6 +129,69 @@ def test_int8_linear_with_one_range_per_tensor_equals_the_ort_lowering():
     for got, f in zip(_tvm_outputs(models[1], feeds), feeds):
         ref = ort_run(models[0], f)
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
+def _shape_vars(func) -> set[str]:
+    """Names of the symbolic variables in the shapes of ``func``'s bindings."""
+    from tvm import relax
+
+    from lowbit.backends.tvm.relax_import import _dims, _free_vars
+
+    names: set[str] = set()
+
+    def visit(e):
+        for d in _dims(getattr(e, "ty", None)) or []:
+            names.update(v.name for v in _free_vars(d))
+
+    relax.analysis.post_order_visit(func.body, visit)
+    return names
+
+
+def test_causal_mask_shapes_stay_in_the_input_dimensions_and_match_ort():
+    """SmolLM2's mask construction: the importer's ``range_len_0`` and the legalized slice's
+    ``s``/``s_1`` are replaced by ``batch``/``seq`` (left in, ``FuseTIR`` spread them to tensors
+    allocated before they were defined, and ``VMShapeLower`` failed: "has not been computed")."""
+    tvm = pytest.importorskip("tvm")
+    from lowbit.backends.tvm import build
+    from lowbit.backends.tvm.relax_import import symbolic_equalities, to_relax
+    from lowbit.backends.tvm.targets import make_target
+
+    model = causal_mask_lm()
+    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    mod, _, arrays = to_relax(model)
+    assert _shape_vars(mod["main"]) == {"batch", "seq"} and not symbolic_equalities(mod["main"])
+    tgt = make_target("llvm")
+    with tgt:
+        passes = list(build._backend_module(tgt).library_dispatch_passes(tgt)) + build.fusion_passes()
+        fused = tvm.transform.Sequential(passes)(mod)
+    assert _shape_vars(fused["main"]) == {"batch", "seq"}
+    vm = tvm.relax.VirtualMachine(tvm.compile(mod, target=tgt, relax_pipeline=build.relax_pipeline(tgt)), tvm.cpu())
+    params = [tvm.runtime.tensor(a) for a in arrays]
+    for shape in ((1, 1), (2, 7)):
+        ids = np.random.default_rng(shape[1]).integers(0, 32, shape).astype(np.int64)
+        got = vm["main"](tvm.runtime.tensor(ids), *params).numpy()
+        np.testing.assert_allclose(got, sess.run(None, {"input_ids": ids})[0], rtol=1e-5, atol=1e-6)
+
+
+def test_unify_symbolic_vars_binds_a_later_variable_to_the_input_dimension():
+    pytest.importorskip("tvm")
+    from tvm import relax, tirx
+
+    from lowbit.backends.tvm.relax_import import symbolic_equalities, unify_symbolic_vars
+
+    seq, n = tirx.Var("seq", "int64"), tirx.Var("n", "int64")
+    x = relax.Var("x", relax.TensorType([seq], "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            r = bb.emit(relax.op.arange(0, seq, 1, "float32"))
+            m = bb.match_cast(r, relax.TensorType([n], "float32"))  # n: a variable of the cast's own
+            y = bb.emit_output(relax.op.add(bb.match_cast(m, relax.TensorType([seq], "float32")), x))
+        bb.emit_func_output(y)
+    mod = bb.get()
+    assert [str(v) for v in symbolic_equalities(mod["main"])] == ["n"]
+    out = unify_symbolic_vars(mod)
+    assert _shape_vars(out["main"]) == {"seq"} and not symbolic_equalities(out["main"])
 
 
 def test_an_op_neither_lowered_nor_importable_is_an_input_error():

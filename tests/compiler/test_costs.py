@@ -21,7 +21,8 @@ def test_bytes_are_what_the_lowered_layer_stores(tmp_path):
     assert b["w4a16-g128"] == k * n // 2 + 4 * n
 
 
-def test_latencies_are_measured_once_and_reused(tmp_path):
+def test_latencies_are_measured_once_and_reused(tmp_path, monkeypatch):
+    monkeypatch.setattr("lowbit.compiler.costs.STALE_FACTOR", 1e9)  # a 10-microsecond probe is noise
     path = tmp_path / "costs.json"
     table = CostTable(path, threads=1)
     cands = [Candidate("fp32"), Candidate("w8a8")]
@@ -39,3 +40,21 @@ def test_latencies_are_measured_once_and_reused(tmp_path):
     other = CostTable(path, threads=2)
     other.get((64, 64), Candidate("fp32"), 4)
     assert other.measured == 1
+
+
+def test_a_stale_table_is_measured_again(tmp_path):
+    """Latencies stored under another load (here: 20x too slow) are re-measured, not trusted."""
+    path = tmp_path / "costs.json"
+    cands = [Candidate("fp32"), Candidate("w8a8")]
+    table = CostTable(path, threads=1)
+    layer_costs(table, [(256, 512)], cands, 32, latency=True)
+    fresh = {k: dict(v) for k, v in table.entries.items()}
+    for v in table.entries.values():
+        v["ms"] *= 20
+    table.save()
+    again = CostTable(path, threads=1)
+    costs = layer_costs(again, [(256, 512)], cands, 32, latency=True)
+    assert again.remeasured is not None and again.remeasured["probe"] == "256x512 fp32"
+    assert again.measured == 2
+    key = next(k for k in fresh if k.endswith("256x512|fp32"))
+    assert costs[((256, 512), "fp32")]["ms_raw"] < 5 * fresh[key]["ms"]

@@ -42,7 +42,28 @@ def test_all_fp32_choice_is_the_model(setup):
     got = graph.run(calib, graph.choice({}))
     ref = outputs(model, calib)
     assert max(float(np.abs(g - r).max()) for g, r in zip(got, ref)) < 1e-4
-    assert len(graph.layers) == 36 and graph.session.get_inputs()[-1].name == S.CHOICE_INPUT
+    assert len(graph.layers) == 36 and {S.CHOICE_INPUT, S.START_INPUT} <= {i.name for i in graph.session.get_inputs()}
+
+
+@pytest.mark.parametrize("layer", [0, 17, 35])
+def test_a_run_from_a_layer_segment_is_the_full_run(setup, layer):
+    """Starting at a layer's segment, with the prefix's values fed, gives the full run's outputs."""
+    _, _, graph, calib = setup
+    assert graph.segment_of == sorted(graph.segment_of) and len(set(graph.segment_of)) == 36  # one cut per layer
+    name = graph.layers[layer].name
+    assignment = {name: "w4a8-g128"}
+    start = graph.start_of(assignment)
+    assert start == graph.segment_of[layer] > 0
+    frontier = graph.frontier(calib)
+    full = graph.run(calib, graph.choice(assignment))
+    part = graph.run(calib, graph.choice(assignment), start=start, frontier=frontier)
+    assert max(float(np.abs(f - p).max()) for f, p in zip(full, part)) < 1e-5
+    # the prefix really is skipped: with the frontier of other data, the output is that data's
+    other = graph.frontier([{k: np.roll(v, 1, axis=-1) for k, v in b.items()} for b in calib])
+    moved = graph.run(calib, graph.choice(assignment), start=start, frontier=other)
+    assert max(float(np.abs(f - m).max()) for f, m in zip(full, moved)) > 1e-2
+    with pytest.raises(ValueError, match="frontier"):
+        graph.run(calib, graph.choice(assignment), start=start)
 
 
 @pytest.mark.parametrize("cand", ["w8a8", "w4a8-g128"])
@@ -82,3 +103,22 @@ def test_measure_and_cache(setup, tmp_path):
     # another key (other weights, data or options) starts afresh
     assert S.SensitivityCache(tmp_path, S.fingerprint(model, calib, {"t": 2})).entries == {}
     assert S.fingerprint(model, calib[:1], {"t": 1}) != key
+
+
+def test_scorer_is_kl_and_nll_change_by_definition():
+    """The scorer's closed form equals KL(p_ref || p_q) and the NLL change computed from log-softmaxes."""
+    from lowbit.compiler.evaluate import log_softmax
+
+    rng = np.random.default_rng(0)
+    ref = [rng.standard_normal((2, 6, 50)).astype(np.float32) * 4 for _ in range(2)]
+    ids = [rng.integers(0, 50, (2, 6)) for _ in range(2)]
+    q = [r + rng.standard_normal(r.shape).astype(np.float32) * 0.1 for r in ref]
+    got = S.Scorer(ref, ids).score(q)
+    kl = nll = 0.0
+    for r, x, t in zip(ref, q, ids):
+        lr, lq = log_softmax(r), log_softmax(x)
+        kl += float((np.exp(lr) * (lr - lq)).sum())
+        nll += float(np.take_along_axis((lr - lq)[:, :-1], t[:, 1:, None], -1).sum())  # row i predicts token i+1
+    assert got["metric"] == pytest.approx(kl / 24, rel=1e-5)
+    assert got["dnll"] == pytest.approx(nll / 20, rel=1e-5)
+    assert S.Scorer(ref, ids).score(ref)["metric"] == pytest.approx(0.0, abs=1e-9)

@@ -151,6 +151,10 @@ def test_latency_budget_is_honoured_by_the_prediction(calibrated):
     _, plan, notes = plan_with(calibrated, budget_latency="1.05x", measure_latency=True, latency_seq_len=32)
     lat = notes["latency"]
     assert lat["fp32_model_ms"] > 0 and lat["seq_len"] == 32
+    # the non-linear part is measured (linears stubbed out); the micro-benchmarks are scaled to the rest
+    assert 0 < lat["other_ms"] < lat["fp32_model_ms"] and lat["micro_benchmark_scale"] > 0
+    fp32_linears = sum(row["fp32"]["ms"] for row in notes["table"].values())
+    assert fp32_linears == pytest.approx(lat["fp32_model_ms"] - lat["other_ms"])
     ratio = notes["achieved"]["predicted_latency_ratio"]
     assert ratio <= 1.05 + 1e-9
     total = lat["other_ms"] + sum(lp.cost["latency_ms"] for lp in plan.layers.values())
@@ -184,6 +188,7 @@ def test_perplexity_target_counts_each_layers_nll_change(calibrated):
     ({"max_kl": 0.1, "max_ppl_increase": "2%"}, "one accuracy target"),
     ({"candidates": ["w4a16-g24"]}, "power of two"),
     ({"budget_latency": "0.5x", "measure_latency": False}, "needs measured latencies"),
+    ({"sensitivity": "guessed"}, "'exact' or 'scaled'"),
 ])
 def test_bad_options_fail_early(options, fragment):
     with pytest.raises(InputError, match=fragment):
@@ -209,6 +214,24 @@ def test_sensitivities_are_cached(calibrated):
     plan_with(calibrated, budget="6bits", cache=True)
     _, _, notes = plan_with(calibrated, budget="7bits", cache=True)
     assert notes["sensitivity"]["runs"] == 0 and notes["sensitivity"]["cached"] == 36 * 3
+
+
+def test_scaled_sensitivity_runs_once_per_layer_and_ranks_like_the_exact_one(calibrated):
+    from scipy.stats import spearmanr
+
+    cands = ["fp32", "w8a8", "w4a16-g32", "w4a16-g128"]
+    _, _, exact = plan_with(calibrated, budget="6bits", candidates=cands, cache=False)
+    _, _, scaled = plan_with(calibrated, budget="6bits", candidates=cands, cache=False, sensitivity="scaled")
+    assert scaled["sensitivity"]["method"] == "scaled" and scaled["sensitivity"]["runs"] == 36
+    assert exact["sensitivity"]["runs"] == 36 * 3
+    pairs = [(layer, c) for layer, row in exact["table"].items() for c in row if c != "fp32"]
+    e = [exact["table"][layer][c]["metric"] for layer, c in pairs]
+    s = [scaled["table"][layer][c]["metric"] for layer, c in pairs]
+    # each layer's anchor (its largest local error: a 4-bit candidate) is measured, not scaled
+    anchors = [(layer, c) for layer, c in pairs if scaled["table"][layer][c]["metric"] == exact["table"][layer][c]["metric"]]
+    assert len(anchors) >= 36 and all(c.startswith("w4") for _, c in anchors)
+    assert spearmanr(e, s).statistic > 0.8
+    assert scaled["achieved"]["bits_per_weight"] <= 6.0
 
 
 def test_compile_with_budget_and_plan_round_trip(shared_dir, tmp_path, calibrated, capsys):
