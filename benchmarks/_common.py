@@ -19,6 +19,7 @@ The scripts run as ``python benchmarks/<script>.py``, so this module is imported
 from __future__ import annotations
 
 import collections
+import datetime
 import gc
 import importlib.metadata
 import io
@@ -27,6 +28,8 @@ import logging
 import os
 import platform
 import re
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -256,6 +259,47 @@ def latency_round_robin(
 # ---------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------
+def run_record(script: str, argv: list[str] | None, settings: dict[str, Any]) -> dict[str, Any]:
+    """The start of a comparison's results: the command, date, machine, versions, tree, load and settings."""
+    rel = os.path.relpath(Path(script).resolve(), Path.cwd())
+    return {
+        "command": shlex.join(["python", rel, *(sys.argv[1:] if argv is None else argv)]),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_info(),
+        "versions": versions(),
+        "lowbit_tree": git_state(),
+        "load_average_at_start": list(os.getloadavg()),
+        "settings": settings,
+        "models": {},
+    }
+
+
+def provenance_lines(results: dict[str, Any]) -> list[str]:
+    """The markdown lines saying where a :func:`run_record` result came from (command to total runtime)."""
+    m = results["machine"]
+    tree = results.get("lowbit_tree", {})
+    return [
+        f"Command: `{results['command']}`  ",
+        f"Date: {results['date']}  ",
+        f"ONNX Runtime {results['versions']['onnxruntime']} (CPUExecutionProvider), lowbit {results['versions']['lowbit']}, "
+        f"torch {results['versions']['torch']}, Python {m['python']}  ",
+        f"Machine: {m['cores']} cores, {m['cpu']}, {m.get('memory_gb', '?')} GB RAM, int8 ISA: {', '.join(m.get('int8_isa', [])) or 'none'}  ",
+        f"Machine load (1-min load average, other jobs included) at start / end: "
+        f"{results.get('load_average_at_start', [float('nan')])[0]:.1f} / {results.get('load_average_at_end', [float('nan')])[0]:.1f}  ",
+        f"lowbit tree: commit {tree.get('commit', '?')}"
+        + (f" + uncommitted changes in {', '.join(tree['modified_files'])}" if tree.get("modified_files") else "")
+        + "  ",
+        f"Total runtime: {results['total_seconds'] / 60:.1f} min",
+    ]
+
+
+def fmt_ms(lat: dict[str, Any] | None) -> str:
+    """``ms (speedup x)`` of a latency entry, or a dash."""
+    if not lat:
+        return "—"
+    return f"{lat['ms']:.2f} ({lat.get('speedup', float('nan')):.2f}x)"
+
+
 def update_results(path: Path, section: str) -> None:
     """Replace the section of ``path`` whose heading is ``section``'s first line (up to the
     next ``## `` heading), or append it; other sections are kept."""

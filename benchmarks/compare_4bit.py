@@ -53,12 +53,10 @@ RESULTS.md alone unless ``--results`` names a file.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import logging
 import os
-import shlex
 import shutil
 import sys
 import time
@@ -73,22 +71,22 @@ from _common import (
     REPO,
     T0,
     THREADS,
-    CaptureWarnings,
-    WindowReader,
     accuracy,
+    CaptureWarnings,
     export_fp32,
-    git_state,
+    fmt_ms,
     jsonable,
     latency_round_robin,
     log,
-    machine_info,
     onnx_disk_bytes,
     op_counts,
     parse_setting,
+    provenance_lines,
+    run_record,
     short_error,
     update_results,
+    WindowReader,
     write_outputs,
-    versions,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -566,12 +564,6 @@ def _ppl(acc: dict[str, Any] | None) -> str:
     return f"{acc['perplexity']:.3f} ({acc['perplexity_increase']:+.2%})"
 
 
-def fmt_ms(lat: dict[str, Any] | None) -> str:
-    if not lat:
-        return "—"
-    return f"{lat['ms']:.2f} ({lat.get('speedup', float('nan')):.2f}x)"
-
-
 def model_table(rec: dict[str, Any]) -> list[str]:
     head = ["method", "quantize time", "size MB (vs fp32)", "perplexity (increase)", "KL vs fp32", "top-1 agree",
             "perplexity at accuracy_level 0", "T=1 ms (speedup)", "T=128 ms (speedup)"]
@@ -710,24 +702,12 @@ def notes(results: dict[str, Any]) -> list[str]:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    m = results["machine"]
     reps = results["settings"]["repeats"]
-    tree = results.get("lowbit_tree", {})
     blocks = ", ".join(f"{r['name']} {r['block']}" for r in results["models"].values() if "block" in r)
     lines = [
         SECTION,
         "",
-        f"Command: `{results['command']}`  ",
-        f"Date: {results['date']}  ",
-        f"ONNX Runtime {results['versions']['onnxruntime']} (CPUExecutionProvider), lowbit {results['versions']['lowbit']}, "
-        f"torch {results['versions']['torch']}, Python {m['python']}  ",
-        f"Machine: {m['cores']} cores, {m['cpu']}, {m.get('memory_gb', '?')} GB RAM, int8 ISA: {', '.join(m.get('int8_isa', [])) or 'none'}  ",
-        f"Machine load (1-min load average, other jobs included) at start / end: "
-        f"{results.get('load_average_at_start', [float('nan')])[0]:.1f} / {results.get('load_average_at_end', [float('nan')])[0]:.1f}  ",
-        f"lowbit tree: commit {tree.get('commit', '?')}"
-        + (f" + uncommitted changes in {', '.join(tree['modified_files'])}" if tree.get("modified_files") else "")
-        + "  ",
-        f"Total runtime: {results['total_seconds'] / 60:.1f} min",
+        *provenance_lines(results),
         "",
         "All methods start from the same fp32 ONNX export (lowbit's frontend), calibrate on the same "
         f"{results['settings']['calib_samples']} windows and are measured on the same {results['settings']['eval_samples']} "
@@ -824,18 +804,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = settings_for(args.quick)
     args.out.mkdir(parents=True, exist_ok=True)
-    script = os.path.relpath(Path(__file__).resolve(), Path.cwd())
-    command = shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
-    results: dict[str, Any] = {
-        "command": command,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine_info(),
-        "versions": versions(),
-        "lowbit_tree": git_state(),
-        "load_average_at_start": list(os.getloadavg()),
-        "settings": cfg | {"seq_len": SEQ_LEN, "threads": THREADS, "quick": args.quick, "accuracy_level": ACCURACY_LEVEL},
-        "models": {},
-    }
+    results: dict[str, Any] = run_record(__file__, argv, cfg | {"seq_len": SEQ_LEN, "threads": THREADS, "quick": args.quick, "accuracy_level": ACCURACY_LEVEL})
     log(f"compare_4bit: {', '.join(args.models)} ({'quick' if args.quick else 'full'} run); "
         f"{results['machine']['cores']} cores, {results['machine']['cpu']}, ORT {results['versions']['onnxruntime']}")
     stem = "compare_4bit_quick" if args.quick else "compare_4bit"

@@ -39,12 +39,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import gc
 import json
 import os
 import re
-import shlex
 import shutil
 import sys
 import time
@@ -58,23 +56,23 @@ from _common import (
     REPO,
     T0,
     THREADS,
-    CaptureWarnings,
-    WindowReader,
     accuracy,
     big_model,
+    CaptureWarnings,
     export_fp32,
-    git_state,
+    fmt_ms,
     jsonable,
     latency_round_robin,
     log,
-    machine_info,
     onnx_disk_bytes,
     op_counts,
     parse_setting,
+    provenance_lines,
+    run_record,
     short_error,
     update_results,
+    WindowReader,
     write_outputs,
-    versions,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -341,12 +339,6 @@ QUANT_OPS = {
 TITLES = {"smollm2-135m": "SmolLM2-135M (causal LM)", "all-minilm-l6-v2": "all-MiniLM-L6-v2 (encoder)"}
 
 
-def fmt_ms(lat: dict[str, Any] | None) -> str:
-    if not lat:
-        return "—"
-    return f"{lat['ms']:.2f} ({lat.get('speedup', float('nan')):.2f}x)"
-
-
 def model_table(rec: dict[str, Any]) -> list[str]:
     lm = rec["task"] == "causal-lm"
     head = ["method", "quantize time", "size MB (vs fp32)"]
@@ -464,23 +456,11 @@ def notes(results: dict[str, Any]) -> list[str]:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    m = results["machine"]
     reps = results["settings"]["repeats"]
-    tree = results.get("lowbit_tree", {})
     lines = [
         SECTION,
         "",
-        f"Command: `{results['command']}`  ",
-        f"Date: {results['date']}  ",
-        f"ONNX Runtime {results['versions']['onnxruntime']} (CPUExecutionProvider), lowbit {results['versions']['lowbit']}, "
-        f"torch {results['versions']['torch']}, Python {m['python']}  ",
-        f"Machine: {m['cores']} cores, {m['cpu']}, {m.get('memory_gb', '?')} GB RAM, int8 ISA: {', '.join(m.get('int8_isa', [])) or 'none'}  ",
-        f"Machine load (1-min load average, other jobs included) at start / end: "
-        f"{results.get('load_average_at_start', [float('nan')])[0]:.1f} / {results.get('load_average_at_end', [float('nan')])[0]:.1f}  ",
-        f"lowbit tree: commit {tree.get('commit', '?')}"
-        + (f" + uncommitted changes in {', '.join(tree['modified_files'])}" if tree.get("modified_files") else "")
-        + "  ",
-        f"Total runtime: {results['total_seconds'] / 60:.1f} min",
+        *provenance_lines(results),
         "",
         "All methods start from the same fp32 ONNX export (torch dynamo exporter via lowbit's frontend), "
         f"calibrate on the same {results['settings']['calib_samples']} windows and are measured on the same "
@@ -554,18 +534,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = settings_for(args.quick)
     args.out.mkdir(parents=True, exist_ok=True)
-    script = os.path.relpath(Path(__file__).resolve(), Path.cwd())
-    command = shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
-    results: dict[str, Any] = {
-        "command": command,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine_info(),
-        "versions": versions(),
-        "lowbit_tree": git_state(),
-        "load_average_at_start": list(os.getloadavg()),
-        "settings": cfg | {"seq_len": SEQ_LEN, "threads": THREADS, "quick": args.quick, "lowbit_source": args.lowbit_source},
-        "models": {},
-    }
+    results: dict[str, Any] = run_record(__file__, argv, cfg | {"seq_len": SEQ_LEN, "threads": THREADS, "quick": args.quick, "lowbit_source": args.lowbit_source})
     log(f"compare_int8: {', '.join(args.models)} ({'quick' if args.quick else 'full'} run); "
         f"{results['machine']['cores']} cores, {results['machine']['cpu']}, ORT {results['versions']['onnxruntime']}")
     stem = "compare_int8_quick" if args.quick else "compare_int8"

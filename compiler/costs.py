@@ -109,9 +109,12 @@ class CostTable:
         self.entries[key] = entry
         return entry
 
+    def _overhead_key(self, k: int, seq_len: int) -> str:
+        return f"{self.device}|T={seq_len}|{k}|overhead"
+
     def overhead_ms(self, k: int, seq_len: int) -> float:
         """Median time of one ORT call on an Identity model with a ``[1, T, K]`` input."""
-        key = f"{self.device}|T={seq_len}|{k}|overhead"
+        key = self._overhead_key(k, seq_len)
         if key not in self.entries:
             x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, seq_len, k]))
             node = ir.node("Identity", [x])
@@ -200,7 +203,7 @@ def layer_costs(
             if not 1 / STALE_FACTOR <= now / old <= STALE_FACTOR:
                 table.remeasured = {"probe": f"{probe[0]}x{probe[1]} fp32", "table_ms": old, "now_ms": now}
                 for shape in dict.fromkeys(shapes):
-                    table.entries.pop(f"{table.device}|T={seq_len}|{shape[0]}|overhead", None)
+                    table.entries.pop(table._overhead_key(shape[0], seq_len), None)
                     for cand in candidates:
                         table.entries.pop(table._key(shape, cand, seq_len), None)
     out = {}

@@ -403,6 +403,10 @@ class Scorer:
             self._r = [torch.from_numpy(np.asarray(r, np.float32)) for r in reference]
             self._p = [torch.softmax(r.double(), dim=-1).float() for r in self._r]
 
+    def zero(self) -> dict[str, float]:
+        """The score of outputs equal to the reference (fp32's, by definition)."""
+        return {"metric": 0.0, "dnll": 0.0} if self.ids is not None else {"metric": 0.0}
+
     def score(self, outputs: Sequence[np.ndarray]) -> dict[str, float]:
         if self.ids is None:
             c = np.concatenate([cosine(r, q) for r, q in zip(self.reference, outputs)])
@@ -488,12 +492,11 @@ def measure(
     Returns the values and a record (runs made, values taken from the cache, seconds).
     """
     start = time.perf_counter()
-    zero = {"metric": 0.0, "dnll": 0.0} if scorer.ids is not None else {"metric": 0.0}
     out: dict[tuple[str, str], dict[str, float]] = {}
     todo = []
     for layer, cand in pairs:
         if cand == "fp32":
-            out[(layer, cand)] = dict(zero)
+            out[(layer, cand)] = scorer.zero()
             continue
         hit = cache.get(layer, cand) if cache is not None else None
         if hit is not None:
@@ -553,7 +556,7 @@ def measure_scaled(
     for layer, cand in pairs:
         anchor = anchors.get(layer)
         if anchor is None or cand == "fp32":
-            out[(layer, cand)] = {k: 0.0 for k in (("metric", "dnll") if scorer.ids is not None else ("metric",))}
+            out[(layer, cand)] = scorer.zero()
             continue
         ratio = graph.local_error[(layer, cand)] / max(graph.local_error[(layer, anchor)], 1e-30)
         out[(layer, cand)] = {k: v * ratio for k, v in exact[(layer, anchor)].items()}
