@@ -17,14 +17,25 @@ float weight; matching ``call_tir(decode) -> call_tir(matmul)`` and fusing the p
 the matmul (a GEMV at one token) read the packed words directly.
 
 dlight rules: LLVM gets the CPU GEMV and reduction rules; CUDA the GPU rules
-(LowBatchGEMV, Matmul, GEMV, Reduction, GeneralReduction, Fallback). The tensor-core
-path of the GPU Matmul rule fails for int8 in TVM 0.27 (software-pipeline injection,
-``GetWmmaFragmentSize``), so int8 PrimFuncs are marked ``dlight.do_not_tensorize``: the
-int8 GEMM then runs as SIMT code that nvcc compiles to ``dp4a``.
+(LowBatchGEMV, Matmul, GEMV, Reduction, GeneralReduction, Fallback).
+
+int8 GEMMs on CUDA (``LowbitInt8GemmSchedule``, before dlight): the tensor-core path of
+dlight's Matmul rule fails for int8 in TVM 0.27 (software-pipeline injection,
+``GetWmmaFragmentSize``), so each PrimFunc holding an int8 x int8 -> int32 NT matmul
+(W8A8 linears, with their fused correction/rescale epilogue) is scheduled by
+:mod:`lowbit.backends.tvm.mma` instead: ``mma.sync.m16n8k32`` s8 tensor cores with
+``ldmatrix`` and ``cp.async`` (sm_80 and newer; ``K % 32 == 0``, ``N % 16 == 0``), marked
+``tirx.is_scheduled``. Where that schedule does not apply (older arch, shape, structure)
+or fails, the function is marked ``dlight.do_not_tensorize`` and dlight's SIMT Matmul
+schedule runs it; nvcc compiles that to ``dp4a``. ``info["int8_kernels"]`` lists which
+kernels got which (``{"mma": [...], "dp4a": [...]}``). The ``cp.async`` copies need
+``PassContext(config={"tirx.use_async_copy": True})`` around ``tvm.compile``
+(:func:`_device_context`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -38,7 +49,7 @@ import tvm
 from tvm import relax, tirx
 from tvm.relax.dpl import GlobalVarPattern, TuplePattern, is_op, wildcard
 
-from lowbit.backends.tvm import kernels, targets
+from lowbit.backends.tvm import kernels, mma, targets
 from lowbit.backends.tvm.relax_import import to_relax, unify_symbolic_vars
 from lowbit.compiler.errors import InputError
 
@@ -86,14 +97,67 @@ def fuse_decode_matmul() -> tvm.transform.Pass:
     ], name="FuseDecodeMatmul")
 
 
-@tvm.transform.module_pass(opt_level=0, name="MarkInt8NoTensorize")
-def _mark_int8_no_tensorize(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-    """GPU: keep dlight's Matmul rule off the tensor-core path for int8 PrimFuncs."""
-    out = tvm.IRModule(mod.functions, attrs=mod.attrs) if mod.attrs is not None else tvm.IRModule(mod.functions)
-    for gv, func in mod.functions.items():
-        if isinstance(func, tirx.PrimFunc) and 'int8"' in func.script():
+def _int8_gemm_schedule(target: tvm.target.Target) -> tvm.transform.Pass:
+    """GPU: int8 GEMM PrimFuncs onto tensor cores where :mod:`~lowbit.backends.tvm.mma` applies
+    (``tirx.is_scheduled``), the other int8 PrimFuncs kept off dlight's tensor-core path
+    (``dlight.do_not_tensorize``: dp4a SIMT code). Records the split in :data:`INT8_KERNELS`."""
+    use_mma = mma.supports(target)
+
+    @tvm.transform.module_pass(opt_level=0, name="LowbitInt8GemmSchedule")
+    def _apply(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        out = tvm.IRModule(mod.functions, attrs=mod.attrs) if mod.attrs is not None else tvm.IRModule(mod.functions)
+        for gv, func in mod.functions.items():
+            if not isinstance(func, tirx.PrimFunc) or 'int8"' not in func.script():
+                continue
+            if func.attrs is not None and "tirx.is_scheduled" in func.attrs:
+                continue
+            if mma.is_int8_gemm(func):
+                scheduled = _try_mma(gv.name_hint, func, target) if use_mma else None
+                if scheduled is not None:
+                    out[gv] = scheduled.with_attr("tirx.is_scheduled", True)
+                    INT8_KERNELS["mma"].append(gv.name_hint)
+                    continue
+                INT8_KERNELS["dp4a"].append(gv.name_hint)
             out[gv] = func.with_attr("dlight.do_not_tensorize", True)
-    return out
+        return out
+
+    return _apply
+
+
+def _try_mma(name: str, func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc | None:
+    """``func`` on tensor cores, lowered once through TIR's pipeline as a check; None (logged) if
+    the schedule does not apply or fails: the caller falls back to dp4a."""
+    try:
+        reason = mma.why_not(func)
+        if reason is not None:
+            logger.info("int8 GEMM %s stays on dp4a: %s", name, reason)
+            return None
+        scheduled = mma.schedule_int8_gemm(func)
+        if scheduled is None:
+            return None
+        _check_lowering(scheduled, target)
+    except Exception as e:  # noqa: BLE001 - a schedule or lowering error: this kernel falls back, the build goes on
+        logger.info("int8 GEMM %s: tensor-core schedule failed, dp4a instead: %s", name,
+                    (str(e).strip().splitlines() or [type(e).__name__])[-1][:200])
+        return None
+    return scheduled
+
+
+def _check_lowering(func: tirx.PrimFunc, target: tvm.target.Target) -> None:
+    """Run ``func`` through the device-side TIR lowering (software pipeline, async copies,
+    vectorization...) that ``tvm.compile`` will apply later, so that its errors show here."""
+    from tvm.tirx.build import split_host_device_mods
+
+    mod = tvm.tirx.transform.BindTarget(target.with_host(target.host or "llvm"))(
+        tvm.IRModule({"main": func.with_attr("global_symbol", "main")}))
+    pipeline, _, finalize_device = tvm.tirx.get_default_tir_pipeline(target)
+    _, device = split_host_device_mods(pipeline(mod))
+    for device_mod in device.values():
+        finalize_device()(device_mod)
+
+
+#: int8 GEMM PrimFuncs of the last CUDA build, by schedule (see :func:`_int8_gemm_schedule`)
+INT8_KERNELS: dict[str, list[str]] = {"mma": [], "dp4a": []}
 
 
 def dlight_rules(target: tvm.target.Target) -> list:
@@ -131,7 +195,7 @@ def relax_pipeline(target: tvm.target.Target, *, tuned: tvm.transform.Pass | Non
         with target:
             passes = list(backend.library_dispatch_passes(target)) + fusion_passes()
             if target.kind.name == "cuda":
-                passes.append(_mark_int8_no_tensorize)
+                passes.append(_int8_gemm_schedule(target))
             if tuned is not None:
                 passes.append(tuned)
             passes.append(_default_schedule(target))
@@ -229,10 +293,14 @@ def build(
         files += [f"{tune.DB_FOLDER}/{n}" for n in tune.DB_FILES if (folder / n).is_file()]
     t2 = time.perf_counter()
     UNSCHEDULED.clear()
+    for kind in INT8_KERNELS.values():
+        kind.clear()
     with warnings_quiet(), _device_context(tgt):
         ex = tvm.compile(mod, target=tgt, relax_pipeline=relax_pipeline(tgt, tuned=tuned_pass))
     info["compile_seconds"] = round(time.perf_counter() - t2, 3)
     info["unscheduled_kernels"] = list(UNSCHEDULED)
+    if tgt.kind.name == "cuda":
+        info["int8_kernels"] = {kind: sorted(names) for kind, names in INT8_KERNELS.items()}
     if "tuning" in info:
         info["tuning"]["applied_kernels"] = sorted(applied)
     if tgt.kind.name == "cuda":
@@ -250,13 +318,19 @@ def build(
 
 
 def _device_context(target: tvm.target.Target):
-    if target.kind.name == "cuda":
-        from lowbit.backends.tvm import cuda
+    """CUDA: :func:`cuda.device_compile` plus the pass configuration the tensor-core kernels
+    need (``tirx.use_async_copy``: their pipelined global -> shared copies become ``cp.async``)."""
+    if target.kind.name != "cuda":
+        return contextlib.nullcontext()
+    from lowbit.backends.tvm import cuda
 
-        return cuda.device_compile(target)
-    import contextlib
-
-    return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(cuda.device_compile(target))
+    cur = tvm.transform.PassContext.current()
+    stack.enter_context(tvm.transform.PassContext(
+        opt_level=cur.opt_level, required_pass=list(cur.required_pass), disabled_pass=list(cur.disabled_pass),
+        instruments=list(cur.instruments), config={**dict(cur.config), **mma.PASS_CONFIG}))
+    return stack
 
 
 class warnings_quiet:
