@@ -181,8 +181,10 @@ def markdown(r: dict[str, Any]) -> str:
         if "noise_floor" in a:
             n = a["noise_floor"]
             lines.append(f"| {recipe} | ORT vs ORT nudged | {n['top1_agreement']:.2%} | {n['kl']:.2e} | {n['max_rel_logit_diff']:.2e} |")
-    lines += ["", "TVM LLVM kernels are dlight's default CPU schedules (GEMV, reductions) with no tuning; "
-              "MetaSchedule tuning (`--tune N`) is measured per kernel by `benchmarks/tvm_tune_matmul.py`.", ""]
+    lines += ["", "TVM LLVM kernels, untuned: the int8 GEMMs with lowbit's tiled, parallel CPU schedule "
+              "(`backends/tvm/cpu.py`; no VNNI instructions yet, hence the gap to ONNX Runtime's int8 kernels), "
+              "the rest with dlight's CPU rules (GEMV, reductions) or TVM's default loops. MetaSchedule tuning "
+              "(`--tune N`) is measured per kernel by `benchmarks/tvm_tune_matmul.py`.", ""]
     return "\n".join(lines) + "\n"
 
 

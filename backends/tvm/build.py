@@ -17,7 +17,9 @@ float weight; matching ``call_tir(decode) -> call_tir(matmul)`` and fusing the p
 the matmul (a GEMV at one token) read the packed words directly.
 
 dlight rules: LLVM gets the CPU GEMV and reduction rules; CUDA the GPU rules
-(LowBatchGEMV, Matmul, GEMV, Reduction, GeneralReduction, Fallback).
+(LowBatchGEMV, Matmul, GEMV, Reduction, GeneralReduction, Fallback). dlight has no CPU
+matmul rule: on LLVM the int8 GEMMs get :mod:`lowbit.backends.tvm.cpu`'s tiled, parallel
+schedule instead (``default_schedule``).
 
 int8 GEMMs on CUDA (``LowbitInt8GemmSchedule``, before dlight): the tensor-core path of
 dlight's Matmul rule fails for int8 in TVM 0.27 (software-pipeline injection,
@@ -49,7 +51,7 @@ import tvm
 from tvm import relax, tirx
 from tvm.relax.dpl import GlobalVarPattern, TuplePattern, is_op, wildcard
 
-from lowbit.backends.tvm import kernels, mma, targets
+from lowbit.backends.tvm import cpu, kernels, mma, targets
 from lowbit.backends.tvm.relax_import import to_relax, unify_symbolic_vars
 from lowbit.compiler.errors import InputError
 
@@ -205,26 +207,37 @@ def relax_pipeline(target: tvm.target.Target, *, tuned: tvm.transform.Pass | Non
     return _pipeline
 
 
-def _default_schedule(target: tvm.target.Target) -> tvm.transform.Pass:
-    """dlight's rules, one PrimFunc at a time: a function dlight cannot even open (TVM 0.27's
-    schedule state rejects some fused functions as ill-formed) keeps its unscheduled loops
-    instead of failing the build; such functions are logged and counted in ``UNSCHEDULED``."""
+def default_schedule(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
+    """One PrimFunc as the build schedules it without a tuning record: on LLVM an int8 GEMM
+    gets :func:`lowbit.backends.tvm.cpu.schedule_int8_gemm`, everything else dlight's rules
+    (call under ``with target``)."""
     from tvm.s_tir import dlight as dl
+
+    if target.kind.name == "llvm":
+        scheduled = cpu.schedule_int8_gemm(func)
+        if scheduled is not None:
+            return scheduled
+    gv = tvm.ir.GlobalVar("main")
+    return dl.ApplyDefaultSchedule(*dlight_rules(target))(tvm.IRModule({gv: func}))[gv]
+
+
+def _default_schedule(target: tvm.target.Target) -> tvm.transform.Pass:
+    """:func:`default_schedule` for every PrimFunc not scheduled yet: a function dlight cannot
+    even open (TVM 0.27's schedule state rejects some fused functions as ill-formed) keeps
+    its unscheduled loops instead of failing the build; such functions are logged and
+    counted in ``UNSCHEDULED``."""
 
     @tvm.transform.module_pass(opt_level=0, name="LowbitDefaultSchedule")
     def _apply(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        rules = dl.ApplyDefaultSchedule(*dlight_rules(target))
         out = mod
         for gv, func in list(mod.functions.items()):
             if not isinstance(func, tirx.PrimFunc) or (func.attrs is not None and "tirx.is_scheduled" in func.attrs):
                 continue
             try:
-                scheduled = rules(tvm.IRModule({gv: func}))
+                out[gv] = default_schedule(func, target)
             except Exception as e:  # noqa: BLE001 - TVM raises InternalError, ValueError...; the build goes on
                 logger.info("no default schedule for %s: %s", gv.name_hint, str(e).strip().splitlines()[-1][:200])
                 UNSCHEDULED.append(gv.name_hint)
-                continue
-            out[gv] = scheduled[gv]
         return out
 
     return _apply

@@ -223,13 +223,11 @@ def kernel_ms(lib, args, dev, rounds: int = 3) -> float:
 
 
 def default_schedule(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
-    """``func`` as the build schedules it without a record (dlight's rules)."""
-    from tvm.s_tir import dlight as dl
-
-    from lowbit.backends.tvm.build import dlight_rules
+    """``func`` as the build schedules it without a record (``build.default_schedule``)."""
+    from lowbit.backends.tvm.build import default_schedule as build_default
 
     with target:
-        return dl.ApplyDefaultSchedule(*dlight_rules(target))(tvm.IRModule({"main": func}))["main"]
+        return build_default(func, target)
 
 
 def keep_faster(fused: tvm.IRModule, target: tvm.target.Target, folder: Path) -> tuple[list, dict[str, Any]]:
