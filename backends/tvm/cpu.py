@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 
+from lowbit.backends.tvm import kernels
+
 ROWS, COLS, K_VECTOR = 8, 8, 32
 
 
@@ -40,15 +42,9 @@ def _spatial_prefix(sch: s_tir.Schedule, block) -> tuple[list, list]:
     return list(loops), prefix
 
 
-def _is_int8_gemm(block) -> bool:
-    reads = [r.source.dtype for r in block.reads]
-    return (len(block.writes) == 1 and block.writes[0].source.dtype == "int32" and reads.count("int8") == 2
-            and sum(iv.iter_type == tirx.IterVar.CommReduce for iv in block.iter_vars) == 1)
-
-
 def schedule_int8_gemm(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     """``func`` scheduled for the CPU if it holds one int8 GEMM block whose last loop is its
-    reduction; None otherwise (the caller keeps dlight's rules)."""
+    only reduction; None otherwise (the caller keeps dlight's rules)."""
     try:
         sch = s_tir.Schedule(func)
     except Exception:  # noqa: BLE001 - a function the schedule state rejects is no candidate
@@ -56,7 +52,7 @@ def schedule_int8_gemm(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     from tvm.s_tir.dlight.analysis import get_root_block
 
     blocks = sch.get_child_blocks(get_root_block(sch))
-    gemms = [b for b in blocks if _is_int8_gemm(sch.get(b))]
+    gemms = [b for b in blocks if kernels.is_int8_gemm_block(sch.get(b))]
     if len(gemms) != 1:
         return None
     loops, prefix = _spatial_prefix(sch, gemms[0])

@@ -7,6 +7,9 @@
 * :func:`quantize_rows`: ``u = clip(rint(x / s) + z, 0, 255) - 128`` as int8, rounding half
   to even (``nearbyint``) as ONNX ``QuantizeLinear`` does.
 
+:func:`is_int8_gemm_block` recognises the int8 x int8 -> int32 GEMM block that ``Int8Linear``
+legalizes to, for the schedules that take it (``cpu``, ``mma``).
+
 Names of the PrimFuncs matter: the decode-matmul fusion pattern recognises the decode
 by its name prefix (:data:`DECODE_PREFIX`).
 """
@@ -53,3 +56,10 @@ def quantize_rows(x: te.Tensor, scale: te.Tensor, zero: te.Tensor) -> te.Tensor:
 
 def _is_one(dim) -> bool:
     return isinstance(dim, tirx.IntImm) and dim.value == 1
+
+
+def is_int8_gemm_block(block) -> bool:
+    """Whether a TIR block reduces two int8 buffers into one int32 buffer (an int8 GEMM)."""
+    reads = [r.source.dtype for r in block.reads]
+    return (any(iv.iter_type == tirx.IterVar.CommReduce for iv in block.iter_vars) and len(block.writes) == 1
+            and block.writes[0].source.dtype == "int32" and reads.count("int8") == 2)

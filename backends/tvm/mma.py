@@ -41,6 +41,8 @@ from typing import Any
 import tvm
 from tvm import s_tir, tirx
 
+from lowbit.backends.tvm import kernels
+
 #: PassContext configuration the scheduled kernels need at build time (cp.async copies)
 PASS_CONFIG = {"tirx.use_async_copy": True}
 #: oldest architecture with the s8 ``m16n8k32`` mma
@@ -92,19 +94,13 @@ def _strip_cast(e, dtype: str):
     return e.value if isinstance(e, tirx.Cast) and str(e.ty) == dtype else None
 
 
-def _gemm_like(block: s_tir.SBlock) -> bool:
-    reads = [r.source.dtype for r in block.reads]
-    return (any(iv.iter_type == tirx.IterVar.CommReduce for iv in block.iter_vars) and len(block.writes) == 1
-            and block.writes[0].source.dtype == "int32" and reads.count("int8") == 2)
-
-
 def is_int8_gemm(func: tirx.PrimFunc) -> bool:
     """Whether ``func`` has a reduction block reading two int8 buffers into an int32 one."""
     try:
         sch = s_tir.Schedule(func)
     except Exception:  # noqa: BLE001 - a function the schedule state rejects is no candidate either
         return False
-    return any(_gemm_like(sch.get(b)) for b in sch.get_child_blocks(_root(sch)))
+    return any(kernels.is_int8_gemm_block(sch.get(b)) for b in sch.get_child_blocks(_root(sch)))
 
 
 def match(func: tirx.PrimFunc) -> dict[str, Any]:
