@@ -18,6 +18,8 @@ For each model (stories260K and SmolLM2-135M by default), in one process and one
      (calibrated on the calibration windows; its other options at ORT's defaults), symmetric
      except HQQ (which always fits a zero point), all written as ``MatMulNBits`` with
      ``accuracy_level`` 4 (HQQ's quantizer writes none, so it is set on its nodes afterwards);
+   * ``ort-default-head``: ORT's default with the output layer (the LM head) left in fp32
+     (``nodes_to_exclude``), the peer of lowbit's w4a16, which keeps that layer at 8 bits;
    * ``lowbit-w4a16``, ``lowbit-w4a8``: ``lowbit.compile(fp32.onnx, recipe=...)`` with
      ``plan.group_size`` set to the block size;
    * the w4a8 recipe with its rotation toggled (``fold-norms`` + ``rotate`` taken out, or put in
@@ -94,7 +96,8 @@ SHARED = REPO.parent / "shared"
 SECTION = "## 4-bit: lowbit vs ONNX Runtime's MatMulNBits quantizers"
 SEQ_LEN = 128
 ACCURACY_LEVEL = 4
-ORT_METHODS = ["ort-default", "ort-rtn", "ort-hqq", "ort-gptq"]
+WEIGHT_ONLY_PEER = "ort-default@accuracy_level0"  # timed only: ORT default's model with fp32 compute
+ORT_METHODS = ["ort-default", "ort-rtn", "ort-hqq", "ort-gptq", "ort-default-head"]
 LOWBIT_METHODS = ["lowbit-w4a16", "lowbit-w4a8", "lowbit-w4a8-toggled", "lowbit-w8a8"]
 METHODS = ["fp32", *ORT_METHODS, *LOWBIT_METHODS]
 
@@ -151,7 +154,18 @@ def set_accuracy_level(src: Path, dst: Path, level: int) -> int:
     return count
 
 
-def ort_nbits(algorithm: str) -> Callable[[Path, Path, dict[str, Any]], dict[str, Any]]:
+def output_layers(fp32: Path) -> list[str]:
+    """Node names of the output layers (LM head) of ``fp32``, as lowbit's ``output_precision`` finds them."""
+    import onnx_ir as ir
+    from lowbit.passes.recognize import find_linears, is_output_linear
+
+    return [lin.node.name for lin in find_linears(ir.load(fp32).graph)[0] if is_output_linear(lin)]
+
+
+def ort_nbits(algorithm: str, keep_head: bool = False) -> Callable[[Path, Path, dict[str, Any]], dict[str, Any]]:
+    """ORT's quantizer with ``algorithm``; ``keep_head``: the output layer left in fp32 (``nodes_to_exclude``),
+    the peer of lowbit's w4a16, which keeps it at 8 bits."""
+
     def run(fp32: Path, folder: Path, ctx: dict[str, Any]) -> dict[str, Any]:
         from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
@@ -177,10 +191,12 @@ def ort_nbits(algorithm: str) -> Callable[[Path, Path, dict[str, Any]], dict[str
                     "(percdamp 0.01, actorder False, mse False, perchannel True: ORT's defaults)")
         else:
             raise ValueError(algorithm)
+        exclude = output_layers(fp32) if keep_head else []
         with CaptureWarnings() as cap:
             start = time.perf_counter()
             quant = mnq.MatMulNBitsQuantizer(
-                str(fp32), bits=4, block_size=block, is_symmetric=symmetric, accuracy_level=ACCURACY_LEVEL, algo_config=config
+                str(fp32), bits=4, block_size=block, is_symmetric=symmetric, accuracy_level=ACCURACY_LEVEL,
+                nodes_to_exclude=exclude, algo_config=config,
             )
             quant.process()
             quant.model.save_model_to_file(str(out), False)
@@ -189,7 +205,7 @@ def ort_nbits(algorithm: str) -> Callable[[Path, Path, dict[str, Any]], dict[str
             "path": out,
             "quantize_seconds": seconds,
             "call": f"MatMulNBitsQuantizer(fp32, bits=4, block_size={block}, is_symmetric={symmetric}, "
-                    f"accuracy_level=4, algo_config={call})",
+                    f"accuracy_level=4, nodes_to_exclude={exclude}, algo_config={call})",
             "symmetric": symmetric,
             "ort_warnings": cap.messages,
         }
@@ -333,6 +349,7 @@ QUANTIZERS: dict[str, Callable[[Path, Path, dict[str, Any]], dict[str, Any]]] = 
     "ort-rtn": ort_nbits("rtn"),
     "ort-hqq": ort_nbits("hqq"),
     "ort-gptq": ort_nbits("gptq"),
+    "ort-default-head": ort_nbits("default", keep_head=True),
     "lowbit-w4a16": lowbit_method("w4a16", four_bit=True),
     "lowbit-w4a8": lowbit_method("w4a8", four_bit=True),
     "lowbit-w4a8-toggled": lowbit_method("w4a8", four_bit=True, toggle_rotation=True),
@@ -490,6 +507,8 @@ def bench_model(name: str, root: Path, cfg: dict[str, Any], args: argparse.Names
             sessions[method] = make_session(info["path"], threads=THREADS)
         except Exception as e:
             log(f"{name}: {method}: ORT cannot load the model: {short_error(e)}")
+    if "ort-default" in sessions:  # ORT's weight-only compute: what lowbit w4a16 (float activations) runs
+        sessions[WEIGHT_ONLY_PEER] = make_session(record["methods"]["ort-default"]["path_accuracy_level0"], threads=THREADS)
     reps = cfg["repeats"]
     log(f"{name}: latency, {cfg['rounds']} interleaved rounds x {reps} repeats per method")
     record["latency"] = latency_round_robin(sessions, lat_feeds, cfg["rounds"], reps)
@@ -513,6 +532,7 @@ LABELS = {
     "ort-rtn": "ORT RTN",
     "ort-hqq": "ORT HQQ (asymmetric)",
     "ort-gptq": "ORT GPTQ",
+    "ort-default-head": "ORT default, LM head fp32",
     "lowbit-w4a16": "lowbit w4a16",
     "lowbit-w4a8": "lowbit w4a8",
     "lowbit-w8a8": "lowbit w8a8",
@@ -645,6 +665,11 @@ def targets(results: dict[str, Any]) -> list[str]:
                     lines.append(f"**{'PASS' if x <= ms else 'FAIL'}** — {name}: {label(rec, m)} T=1 "
                                  f"{x:.2f} ms <= the fastest ORT MatMulNBits (accuracy_level 4, block {block}), "
                                  f"{LABELS[peer]} {ms:.2f} ms ({ms / x:.2f}x{spread})")
+        if "lowbit-w4a16" in lat and WEIGHT_ONLY_PEER in lat:
+            x, ms = lat["lowbit-w4a16"]["ms"], lat[WEIGHT_ONLY_PEER]["ms"]
+            lines.append(f"(reference, not a target) {name}: {label(rec, 'lowbit-w4a16')} T=1 {x:.2f} ms against ORT's "
+                         f"weight-only compute (ORT default at accuracy_level 0, the same weight-only arithmetic) "
+                         f"{ms:.2f} ms ({ms / x:.2f}x)")
     return lines
 
 

@@ -11,6 +11,7 @@ rounds the rest to a few levels.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 
 import onnx_ir as ir
@@ -19,7 +20,7 @@ from lowbit.compiler.errors import InputError
 from lowbit.compiler.passbase import LowbitPass
 from lowbit.compiler.plan import LayerPlan, Plan, read_plan, write_plan
 from lowbit.compiler.registry import register_pass
-from lowbit.passes.recognize import find_linears
+from lowbit.passes.recognize import find_linears, is_output_linear
 
 
 @register_pass
@@ -40,6 +41,9 @@ class PlanUniformPass(LowbitPass):
         exclude: glob patterns of layer names kept in fp32.
         max_outlier_ratio: keep a layer in fp32 when its input's outlier ratio exceeds this (0: never).
         keep_float_top: keep the N layers with the largest input outlier ratio in fp32 (0: none).
+        output_precision: precision of the output layers (a linear whose result is a graph output, up to
+            reshaping and a bias: the LM head, a classifier); "": the same as every other layer. With 8-bit
+            weights they are per channel and symmetric whatever group_size and symmetric say.
         overrides: "GLOB=PRECISION" items applied last (the CLI's --override).
     """
 
@@ -58,6 +62,7 @@ class PlanUniformPass(LowbitPass):
         exclude: list[str] | None = None,
         max_outlier_ratio: float = 0.0,
         keep_float_top: int = 0,
+        output_precision: str = "",
         overrides: list[str] | None = None,
     ) -> None:
         super().__init__()
@@ -72,6 +77,9 @@ class PlanUniformPass(LowbitPass):
         self.exclude = list(exclude or [])
         self.max_outlier_ratio = max_outlier_ratio
         self.keep_float_top = keep_float_top
+        self.output_precision = output_precision
+        if output_precision:
+            self._layer_plan(output_precision, "")  # validate
         self.overrides = list(overrides or [])
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -101,7 +109,12 @@ class PlanUniformPass(LowbitPass):
                 precision, reason = "fp32", f"among the {self.keep_float_top} largest input outlier ratios ({ratio:.0f})"
             elif self.max_outlier_ratio and ratio is not None and ratio > self.max_outlier_ratio:
                 precision, reason = "fp32", f"input outlier ratio {ratio:.0f} > {self.max_outlier_ratio:g}"
+            elif self.output_precision and is_output_linear(lin):
+                precision, reason = self.output_precision, "output layer (the recipe's output_precision)"
             plan.layers[lin.name] = lp = self._layer_plan(precision, reason)
+            if reason.startswith("output layer") and lp.weight_bits == 8:
+                # 8-bit weights need no groups or zero points: per channel and symmetric, as the int8 GEMMs take them
+                plan.layers[lin.name] = lp = dataclasses.replace(lp, group_size=None, symmetric=True)
             obs = stats.get(lin.x.name)
             lost = obs.tensor_scale_bits() if obs is not None and self.tensor_scale_max_bits > 0 else None
             if lp.activations == "dynamic" and lp.activation_bits is not None and lost is not None and lost <= self.tensor_scale_max_bits:

@@ -119,6 +119,25 @@ def find_linears(graph: ir.Graph) -> tuple[list[Linear], dict[str, str]]:
     return linears, rejected
 
 
+#: ops that pass a linear's result on to a graph output unchanged but for its shape (or a bias)
+_TO_OUTPUT = ("Identity", "Reshape", "Cast", "Squeeze", "Unsqueeze", "Flatten", "Add")
+
+
+def is_output_linear(lin: Linear) -> bool:
+    """Whether ``lin``'s result is a graph output, up to reshaping and a constant bias: an LM head or
+    classifier, whose error lands on the logits with nothing after it to dilute it."""
+    value = lin.node.outputs[0]
+    while not value.is_graph_output():
+        users = [u for u, _ in value.uses()]
+        if len(users) != 1 or users[0].domain not in ("", "ai.onnx") or users[0].op_type not in _TO_OUTPUT:
+            return False
+        node = users[0]
+        if node.op_type == "Add" and not any(v is not None and v is not value and v.const_value is not None for v in node.inputs):
+            return False
+        value = node.outputs[0]
+    return True
+
+
 def linear_groups(linears: list[Linear]) -> list[list[Linear]]:
     """Linears grouped by the tensor they read, in graph order."""
     groups: dict[int, list[Linear]] = {}

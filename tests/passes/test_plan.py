@@ -1,4 +1,5 @@
 import numpy as np
+import onnx_ir as ir
 import pytest
 
 from lowbit.compiler.calibration import observe
@@ -83,3 +84,50 @@ def test_one_activation_scale_per_tensor_where_rows_have_similar_ranges():
         q.context.stats.update({"xn": similar, "hr": spread})
         q(model)
         assert {v.activations for v in read_plan(model).layers.values()} == {"dynamic"}
+
+
+def _with_head(model, bias: bool):
+    """``mlp`` followed by an output layer: y -> MatMul (head) [-> Add bias] -> Reshape -> logits."""
+    g = model.graph
+    y = g.outputs[0]
+    w = ir.Value(name="w_head", const_value=ir.tensor(np.ones((8, 4), np.float32)))
+    g.register_initializer(w)
+    head = ir.node("MatMul", [y, w], name="head")
+    nodes, last = [head], head.outputs[0]
+    if bias:
+        b = ir.Value(name="b_head", const_value=ir.tensor(np.ones(4, np.float32)))
+        g.register_initializer(b)
+        nodes.append(ir.node("Add", [last, b], name="head/bias"))
+        last = nodes[-1].outputs[0]
+    shape = ir.Value(name="shape", const_value=ir.tensor(np.array([-1, 4], np.int64)))
+    g.register_initializer(shape)
+    nodes.append(ir.node("Reshape", [last, shape], name="flatten"))
+    g.extend(nodes)
+    g.outputs[0] = nodes[-1].outputs[0]
+    nodes[-1].outputs[0].name = "logits"
+    return model
+
+
+def test_output_layer_gets_its_own_precision():
+    for bias in (False, True):
+        model = _with_head(mlp(), bias)
+        _, plan = _planned(model, precision="w4a16", group_size=16, symmetric=False, output_precision="w8a8")
+        assert {k: v.precision for k, v in plan.layers.items()} == {
+            "up": "w4a16", "down": "w4a16", "side": "w4a16", "head": "w8a8"
+        }
+        head, up = plan.layers["head"], plan.layers["up"]
+        assert "output layer" in head.reason
+        # 8-bit weights: per channel and symmetric, whatever the 4-bit layers use
+        assert (head.group_size, head.symmetric) == (None, True) and (up.group_size, up.symmetric) == (16, False)
+    # without the option, or when the head's result is used on (here: by a second reader), it is like the rest
+    _, plan = _planned(_with_head(mlp(), False), precision="w4a16")
+    assert plan.layers["head"].precision == "w4a16"
+    model = _with_head(mlp(), False)
+    head_out = next(n for n in model.graph if n.name == "head").outputs[0]
+    relu = ir.node("Relu", [head_out], name="extra")
+    model.graph.append(relu)
+    model.graph.outputs.append(relu.outputs[0])
+    _, plan = _planned(model, precision="w4a16", output_precision="w8a16")
+    assert plan.layers["head"].precision == "w4a16"
+    with pytest.raises(InputError, match="unknown precision 'int3'"):
+        PlanUniformPass(output_precision="int3")
