@@ -101,7 +101,7 @@ class PlanUniformPass(LowbitPass):
         for lin in linears:
             if lin.name in plan.layers:
                 continue
-            precision, reason = self.precision, "uniform"
+            precision, reason, output = self.precision, "uniform", False
             ratio = ratios.get(lin.name)
             if any(fnmatch.fnmatchcase(lin.name, p) for p in self.exclude):
                 precision, reason = "fp32", "excluded by the recipe"
@@ -110,11 +110,12 @@ class PlanUniformPass(LowbitPass):
             elif self.max_outlier_ratio and ratio is not None and ratio > self.max_outlier_ratio:
                 precision, reason = "fp32", f"input outlier ratio {ratio:.0f} > {self.max_outlier_ratio:g}"
             elif self.output_precision and is_output_linear(lin):
-                precision, reason = self.output_precision, "output layer (the recipe's output_precision)"
-            plan.layers[lin.name] = lp = self._layer_plan(precision, reason)
-            if reason.startswith("output layer") and lp.weight_bits == 8:
+                precision, reason, output = self.output_precision, "output layer (the recipe's output_precision)", True
+            lp = self._layer_plan(precision, reason)
+            if output and lp.weight_bits == 8:
                 # 8-bit weights need no groups or zero points: per channel and symmetric, as the int8 GEMMs take them
-                plan.layers[lin.name] = lp = dataclasses.replace(lp, group_size=None, symmetric=True)
+                lp = dataclasses.replace(lp, group_size=None, symmetric=True)
+            plan.layers[lin.name] = lp
             obs = stats.get(lin.x.name)
             lost = obs.tensor_scale_bits() if obs is not None and self.tensor_scale_max_bits > 0 else None
             if lp.activations == "dynamic" and lp.activation_bits is not None and lost is not None and lost <= self.tensor_scale_max_bits:

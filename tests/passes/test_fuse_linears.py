@@ -57,3 +57,21 @@ def test_fused_graph_lowers_to_one_integer_matmul():
     run_pipeline(model, [FuseSharedInputLinearsPass(), LowerToORTPass()], context=CompileContext(), instruments=[Verify()])
     assert sum(op in ("MatMulInteger", "MatMulIntegerToFloat") for op in ops(model)) == 2
     assert np.abs(run(model, {"x": X})[0] - ref).max() / np.abs(ref).max() < 0.02
+
+
+def test_4bit_group_wise_linears_with_zero_points_fuse_and_lower_to_one_matmul_nbits():
+    from lowbit.backends.ort.lower import LowerToORTPass
+
+    model = quantized(precision="w4a16", group_size=16, symmetric=False)
+    dqs = [n for n in model.graph if n.op_type == "DequantizeLinear"]
+    assert all(n.attributes["block_size"].value == 16 and len(n.inputs) == 3 for n in dqs)  # scales and zero points
+    before = exact(model)
+    run_pipeline(model, [FuseSharedInputLinearsPass()], instruments=[Verify()])
+    assert ops(model).count("MatMul") == 2 and ops(model).count("Split") == 1
+    dq = next(n for n in model.graph if n.op_type == "DequantizeLinear" and n.name.startswith("up+side"))
+    assert dq.attributes["block_size"].value == 16 and dq.inputs[2].const_value.shape == dq.inputs[1].const_value.shape
+    np.testing.assert_array_equal(exact(model), before)
+    run_pipeline(model, [LowerToORTPass()], context=CompileContext(), instruments=[Verify()])
+    assert ops(model).count("MatMulNBits") == 2
+    ref = run(mlp(), {"x": X})[0]
+    assert np.abs(run(model, {"x": X})[0] - ref).max() / np.abs(ref).max() < 0.1
