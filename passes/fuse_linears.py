@@ -101,10 +101,15 @@ class FuseSharedInputLinearsPass(LowbitPass):
                    found.codes.dtype.str, found.block, found.zero is not None)
             groups.setdefault(key, []).append((node, layer, found))
         fused = []
+        table = self.context.notes.get("layers", {})
         for members in groups.values():
             if len(members) >= self.min_group:
                 self._fuse(graph, members)
-                fused.append([m[1] for m in members])
+                names = [m[1] for m in members]
+                fused.append(names)
+                for name in names:  # the lowering labels every member with the fused kernel
+                    if name in table:
+                        table[name]["fused_with"] = names
         if fused:
             RemoveUnusedNodesPass()(model)  # the separate weights are gone
         self.context.notes["fuse-linears"] = {"groups": fused}

@@ -240,8 +240,9 @@ class LowerToORTPass(LowbitPass):
             replace_value(node.outputs[0], y)
             graph.remove(node, safe=True)
             kernels[kernel] = kernels.get(kernel, 0) + 1
-            if layer in layers_notes:
-                layers_notes[layer]["kernel"] = kernel
+            for member in layers_notes.get(layer, {}).get("fused_with", [layer]):  # a fused MatMul runs them all
+                if member in layers_notes:
+                    layers_notes[member]["kernel"] = kernel
         lowered = sum(kernels.values())
         if lowered:
             for n in graph:

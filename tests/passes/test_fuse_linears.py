@@ -75,3 +75,14 @@ def test_4bit_group_wise_linears_with_zero_points_fuse_and_lower_to_one_matmul_n
     assert ops(model).count("MatMulNBits") == 2
     ref = run(mlp(), {"x": X})[0]
     assert np.abs(run(model, {"x": X})[0] - ref).max() / np.abs(ref).max() < 0.1
+
+
+def test_every_fused_layer_records_the_kernel_it_runs_on():
+    from lowbit.backends.ort.lower import LowerToORTPass
+
+    model, context = mlp(), CompileContext()
+    run_pipeline(model, [PlanUniformPass(precision="w4a8", group_size=16), QuantizeWeightsPass(),
+                         FuseSharedInputLinearsPass(), LowerToORTPass()], context=context)
+    table = context.notes["layers"]
+    assert table["up"]["fused_with"] == table["side"]["fused_with"] == ["up", "side"] and "fused_with" not in table["down"]
+    assert table["up"]["kernel"] == table["side"]["kernel"] == table["down"]["kernel"] == "MatMulNBits(bits=4, block=16, accuracy_level=4)"
