@@ -322,8 +322,3 @@ def _schedule(func: tirx.PrimFunc, info: dict[str, Any]) -> tirx.PrimFunc:
     sch.annotate(k0, "software_pipeline_async_stages", [0])
     return sch.mod["main"]
 
-
-def tile_config(n: int, k: int) -> dict[str, int]:
-    """The block tile :func:`schedule_int8_gemm` picks for ``N = n``, ``K = k``."""
-    wn, fn, ki = _tiles(n, k)
-    return {"BM": _BM, "BN": 16 * wn * fn, "BK": 32 * ki, "warps": _WM * wn}
