@@ -273,11 +273,16 @@ def recipe_toml(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def rotates(recipe: str) -> bool:
+def _rotate_passes(recipe: str | Path) -> list[dict[str, Any]]:
+    """The ``rotate`` passes of a built-in recipe (by name) or a recipe file."""
     from lowbit.compiler.recipe import builtin_recipes
 
-    data = tomllib.loads(builtin_recipes()[recipe].read_text())
-    return any(p.get("pass") == "rotate" for p in data["passes"])
+    path = recipe if isinstance(recipe, Path) else builtin_recipes()[recipe]
+    return [p for p in tomllib.loads(path.read_text())["passes"] if p.get("pass") == "rotate"]
+
+
+def rotates(recipe: str) -> bool:
+    return bool(_rotate_passes(recipe))
 
 
 def toggled_rotation_recipe(recipe: str, folder: Path) -> tuple[Path, bool]:
@@ -318,6 +323,8 @@ def lowbit_method(recipe: str, *, four_bit: bool, toggle_rotation: bool = False)
         settings = {"calibration.samples": ctx["calib_samples"], "evaluation.samples": ctx["eval_samples"]}
         if four_bit:
             settings["plan.group_size"] = ctx["block"]
+            if any(p.get("learn_steps") for p in _rotate_passes(recipe_arg)):  # learned on the plan's grid
+                settings["rotate.learn_group_size"] = ctx["block"]
             settings.update(ctx["lowbit_4bit_settings"])
         settings.update(ctx["lowbit_settings"])
         start = time.perf_counter()
@@ -571,9 +578,19 @@ def label(rec: dict[str, Any], method: str) -> str:
     if method in ("lowbit-w4a8", "lowbit-w4a8-toggled"):
         if "rotation" not in info:
             return "lowbit w4a8" + (" (rotation toggled)" if method.endswith("toggled") else "")
-        return f"lowbit w4a8, {'rotated' if info['rotation'] else 'unrotated'}{weights}" + (
+        rotation = ("rotated (learned)" if _learned_rotation(info) else "rotated") if info["rotation"] else "unrotated"
+        return f"lowbit w4a8, {rotation}{weights}" + (
             " (the w4a8 recipe)" if shipped_w4a8(rec) == method else "")
     return LABELS[method] + (f" ({weights.removeprefix(', ')})" if weights else "")
+
+
+def _learned_rotation(info: dict[str, Any]) -> bool:
+    """Whether the artifact's manifest says its rotation was learned (``rotate.learn_steps``) and kept."""
+    manifest = Path(info.get("path", "")).parent / "manifest.json"
+    if not manifest.is_file():
+        return False
+    notes = json.loads(manifest.read_text()).get("notes", {}).get("rotate", {})
+    return str(notes.get("rotation", "")).endswith(", learned")
 
 
 def _ppl(acc: dict[str, Any] | None) -> str:

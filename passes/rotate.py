@@ -15,8 +15,10 @@ stream or reads from it absorbs ``Q`` (our layout, ``y = x @ W`` with ``W``
 Rotating spreads the few huge activation channels of a trained LLM over all
 channels, so the per-token int8/int4 activation quantization that follows
 loses much less (Ashkboos et al., "QuaRot", arXiv:2404.00456; Liu et al.,
-"SpinQuant", arXiv:2405.16406, who learn ``Q``; we use QuaRot's randomized
-Hadamard, which SpinQuant reports as a strong random choice).
+"SpinQuant", arXiv:2405.16406, who learn ``Q``). ``Q`` starts as QuaRot's
+randomized Hadamard, which SpinQuant reports as a strong random choice; with
+``learn_steps`` it is then learned on calibration data against the recipe's
+weight quantizer (``passes/rotation_learning.py``).
 
 ``Q`` is ``D (H_p ⊗ O_m)``: ``d = p·m`` with ``p`` the largest power of two
 dividing ``d``, ``H_p`` the normalised Sylvester Hadamard matrix, ``O_m`` a
@@ -63,7 +65,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.compiler.errors import LowbitError
+from lowbit.compiler.errors import InputError, LowbitError
 from lowbit.compiler.irutil import add_initializer
 from lowbit.compiler.passbase import LowbitPass
 from lowbit.compiler.registry import register_pass
@@ -518,7 +520,7 @@ def mlp_output_linears(stream: ResidualStream) -> list[ir.Node]:
 
 @register_pass
 class RotateResidualStreamPass(LowbitPass):
-    """Rotate the residual stream by a randomized Hadamard ``Q`` folded into the weights.
+    """Rotate the residual stream by a randomized Hadamard (or learned) ``Q`` folded into the weights.
 
     In place; keeps the fp32 function. Preconditions: canonicalized graph
     (linears are ``MatMul`` with constant weights), a pre-norm transformer
@@ -535,6 +537,12 @@ class RotateResidualStreamPass(LowbitPass):
         online_down_proj: insert an online Hadamard-like transform on down_proj's input.
         head_dim: head size for per_head_v when the graph's Reshapes do not tell it (0: read it).
         strict: raise when the model cannot be rotated (False: skip the rotation and record why).
+        learn_steps: learn the rotation (SpinQuant) for this many steps on the calibration data,
+            starting from the randomized Hadamard (0: the randomized Hadamard as drawn).
+        learn_lr: Adam's learning rate for the rotation's Cayley parameters (cosine decay to 0).
+        learn_batch: calibration windows per learning step.
+        learn_bits: weight bits of the fake quantizer the rotation is learned against (4 or 8).
+        learn_group_size: its group size along the input features (0: per output channel).
     """
 
     name = "rotate"
@@ -547,8 +555,24 @@ class RotateResidualStreamPass(LowbitPass):
         online_down_proj: bool = False,
         head_dim: int = 0,
         strict: bool = True,
+        learn_steps: int = 0,
+        learn_lr: float = 2e-3,
+        learn_batch: int = 2,
+        learn_bits: int = 4,
+        learn_group_size: int = 128,
     ) -> None:
         super().__init__()
+        if learn_steps < 0 or learn_batch < 1 or learn_lr <= 0:
+            raise InputError(f"rotate: learn_steps must be >= 0, learn_batch >= 1 and learn_lr > 0 "
+                              f"(got {learn_steps}, {learn_batch}, {learn_lr})")
+        if learn_bits not in (4, 8) or learn_group_size < 0:
+            raise InputError(f"rotate: learn_bits must be 4 or 8 and learn_group_size >= 0 "
+                              f"(got {learn_bits}, {learn_group_size})")
+        self.learn_steps = learn_steps
+        self.learn_lr = learn_lr
+        self.learn_batch = learn_batch
+        self.learn_bits = learn_bits
+        self.learn_group_size = learn_group_size
         self.seed = seed
         self.per_head_v = per_head_v
         self.online_down_proj = online_down_proj
@@ -581,14 +605,6 @@ class RotateResidualStreamPass(LowbitPass):
 
         rng = np.random.default_rng(self.seed)
         q = hadamard_like(stream.width, rng, random_signs=True)
-        for g in stream.embeddings:
-            set_constant_input(graph, g, 0, q.apply(_value(g.inputs[0])))
-        for r in stream.readers:
-            set_constant_input(graph, r, 1, q.apply_t_left(_value(r.inputs[1])))
-        for w in stream.writers:
-            set_constant_input(graph, w.linear, 1, q.apply(_value(w.linear.inputs[1])))
-            if w.bias is not None:
-                _rotate_bias(graph, *w.bias, q)
         heads: dict[int, np.ndarray] = {}  # one H_h per head size, shared by the layers
         for path in paths:
             if path.head_dim not in heads:
@@ -605,6 +621,18 @@ class RotateResidualStreamPass(LowbitPass):
         factors: dict[int, tuple[np.ndarray, np.ndarray, ir.Value, ir.Value]] = {}
         for lin in downs:
             self._online_transform(graph, lin, factors, rng)
+        learned = None
+        if self.learn_steps:
+            learned = self._learn(graph, stream, q)
+            q = Rotation([learned.pop("rotation")])
+        for g in stream.embeddings:
+            set_constant_input(graph, g, 0, q.apply(_value(g.inputs[0])))
+        for r in stream.readers:
+            set_constant_input(graph, r, 1, q.apply_t_left(_value(r.inputs[1])))
+        for w in stream.writers:
+            set_constant_input(graph, w.linear, 1, q.apply(_value(w.linear.inputs[1])))
+            if w.bias is not None:
+                _rotate_bias(graph, *w.bias, q)
         online = {}
         for lin in downs:
             a, b, *_ = factors[_k(lin)]
@@ -613,7 +641,7 @@ class RotateResidualStreamPass(LowbitPass):
         self.context.stats.clear()  # every activation downstream of the embedding changed
         notes.update(
             width=stream.width,
-            rotation=_describe(stream.width),
+            rotation=_describe(stream.width) + (", learned" if learned and learned["kept"] == "learned" else ""),
             seed=self.seed,
             embeddings=[g.name for g in stream.embeddings],
             readers=[layer_name(r) for r in stream.readers],
@@ -621,7 +649,22 @@ class RotateResidualStreamPass(LowbitPass):
             per_head_v={layer_name(lin): p.head_dim for p in paths for lin in (p.v_proj, p.o_proj)},
             online_down_proj=online,
         )
+        if learned is not None:
+            notes["learned"] = learned
         return ir.passes.PassResult(model, True)
+
+    def _learn(self, graph: ir.Graph, stream: ResidualStream, start: Rotation) -> dict:
+        """The notes of :func:`rotation_learning.learn_rotation`, with the learned matrix as ``rotation``."""
+        from lowbit.passes.rotation_learning import learn_rotation
+
+        if not self.context.calibration_batches:
+            raise InputError("rotate: learn_steps needs calibration data to learn the rotation on (none given)")
+        q, notes = learn_rotation(
+            graph, stream, start.dense(), self.context.calibration_batches,
+            steps=self.learn_steps, lr=self.learn_lr, batch_size=self.learn_batch, bits=self.learn_bits,
+            group_size=self.learn_group_size or None, seed=self.seed, show_progress=self.context.progress,
+        )  # fmt: skip
+        return notes | {"rotation": q}
 
     def _online_transform(self, graph: ir.Graph, lin: ir.Node, factors: dict, rng: np.random.Generator) -> None:
         """``x -> x (A ⊗ B)`` on ``lin``'s input, folded as ``W' = P (A ⊗ B)ᵀ W``; factors are shared per width.

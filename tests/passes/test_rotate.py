@@ -5,7 +5,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from lowbit.compiler.calibration import observe
-from lowbit.compiler.errors import LowbitError, PassFailedError
+from lowbit.compiler.errors import InputError, LowbitError, PassFailedError
 from lowbit.compiler.passbase import CompileContext
 from lowbit.compiler.pipeline import Verify, run_pipeline
 from lowbit.passes.recognize import find_linears
@@ -193,6 +193,22 @@ def test_graph_without_an_embedding_is_refused():
 def test_per_head_v_without_attention_is_refused():
     with pytest.raises(RotationError, match="per_head_v: no attention value path"):
         RotateResidualStreamPass(per_head_v=True)(tiny_lm())
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"learn_steps": -1}, "learn_steps must be >= 0"),
+    ({"learn_batch": 0}, "learn_batch >= 1"),
+    ({"learn_bits": 3}, "learn_bits must be 4 or 8"),
+    ({"learn_group_size": -32}, "learn_group_size >= 0"),
+])  # fmt: skip
+def test_bad_learning_options_are_refused(options, message):
+    with pytest.raises(InputError, match=message):
+        RotateResidualStreamPass(**options)
+
+
+def test_learning_without_calibration_data_is_refused():
+    with pytest.raises(InputError, match="learn_steps needs calibration data"):
+        RotateResidualStreamPass(learn_steps=5)(tiny_lm())
 
 
 @pytest.fixture(scope="module")
