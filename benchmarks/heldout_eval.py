@@ -22,6 +22,7 @@ and replaces the section "## Held-out check on more windows: MODEL" of ``benchma
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -50,6 +51,19 @@ def measure(path: Path, feeds, ref=None):
         nll.append(-logp[np.arange(len(ids) - 1), ids[1:]])
         other.append(logp.astype(np.float32) if ref is None else float((np.exp(ref[i]) * (ref[i] - logp)).sum(-1).mean()))
     return np.array(nll), other
+
+
+def describe(folder: Path) -> str:
+    """The artifact's recipe, with the options of its rotation and plan, from its manifest."""
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        return "no manifest"
+    recipe = json.loads(manifest.read_text()).get("recipe") or {}
+    keys = {"rotate": ("seed", "per_head_v", "online_down_proj", "learn_steps", "learn_group_size"),
+            "plan": ("precision", "group_size", "symmetric", "weight_algorithm")}
+    parts = [f"{p['pass']}: " + ", ".join(f"{k}={p[k]}" for k in keys[p["pass"]] if k in p)
+             for p in recipe.get("passes", []) if p.get("pass") in keys]
+    return f"recipe `{recipe.get('name', '?')}`" + (f" ({'; '.join(parts)})" if parts else ", unrotated")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
              "| artifact | perplexity increase | KL vs fp32 | increase per quarter of the windows |", "|---|---|---|---|"]
     lines += [f"| {r['label']} (`{os.path.relpath(r['folder'])}`) | {r['perplexity_increase']:+.2%} | {r['kl']:.4f} | "
               + " / ".join(f"{q:+.2%}" for q in r["quarters"]) + " |" for r in rows]
+    lines += ["", *[f"- {label}: {describe(Path(folder))}" for label, folder in named]]
     args.out.mkdir(parents=True, exist_ok=True)
     write_outputs(record, args.out, "heldout_eval", "\n".join(lines) + "\n", args.results)
 
