@@ -84,6 +84,9 @@ def render(m: dict[str, Any], console: Console | None = None) -> None:
             lp.get("reason", ""),
         )
     console.print(lt)
+    rotation = _rotation_summary(m.get("notes") or {})
+    if rotation:
+        console.print(rotation)
     mixed = (m.get("notes") or {}).get("plan-mixed")
     if mixed:
         console.print(_mixed_summary(mixed))
@@ -111,6 +114,22 @@ def _measured_cells(lp: dict[str, Any]) -> tuple[str, str, str]:
         "-" if "bits_per_weight" not in cost else f"{cost['bits_per_weight']:.2f}",
         "-" if cost.get("latency_ms") is None else f"{cost['latency_ms']:.3f} (T={cost.get('seq_len')})",
     )
+
+
+def _rotation_summary(notes: dict[str, Any]) -> str:
+    """One line on the residual-stream rotation: which one, or why there is none; a learned one's loss."""
+    rot = notes.get("rotate")
+    if not rot:
+        return ""
+    if rot.get("refused"):
+        return f"rotation: none ({rot['refused']})"
+    line = f"rotation of the {rot.get('width')}-wide residual stream: {rot.get('rotation')} (seed {rot.get('seed')})"
+    learned = rot.get("learned")
+    if learned:
+        line += (f"; learning ({learned['steps']} steps, {learned['bits']}-bit weights, group "
+                 f"{learned['group_size'] or 'per channel'}): fake-quantized KL {learned['fake_quant_kl_start']:.4g} "
+                 f"-> {learned['fake_quant_kl_learned']:.4g}, kept the {learned['kept']}")
+    return line
 
 
 def _mixed_summary(n: dict[str, Any]) -> str:

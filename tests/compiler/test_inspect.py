@@ -8,7 +8,7 @@ import pytest
 
 import lowbit.compiler.explain as explain_mod
 from lowbit.compiler.cli import main
-from lowbit.compiler.inspect import _rotation, _smoothing, layer_rows
+from lowbit.compiler.inspect import _rotation, _rotation_summary, _smoothing, layer_rows
 from tests.compiler.stories_w8a8 import compiled, explained
 
 
@@ -54,6 +54,17 @@ def test_smoothing_and_rotation_notes():
          "layers": {}, "notes": notes, "calibration": {"activations": {}}}
     row = layer_rows(m)[0]
     assert (row["smoothing"], row["rotation"], row["input_outlier_ratio"]) == ("α=0.45", "in", None)
+
+
+def test_rotation_summary_says_which_rotation_and_what_learning_did():
+    assert _rotation_summary({}) == ""
+    assert _rotation_summary({"rotate": {"refused": "LayerNorm at n1"}}) == "rotation: none (LayerNorm at n1)"
+    learned = {"steps": 200, "bits": 4, "group_size": 128, "fake_quant_kl_start": 1.2528, "fake_quant_kl_learned": 0.6396,
+               "kept": "learned"}
+    line = _rotation_summary({"rotate": {"rotation": "randomized Hadamard D·H_64, learned", "width": 64, "seed": 0,
+                                         "learned": learned}})
+    assert line.startswith("rotation of the 64-wide residual stream: randomized Hadamard D·H_64, learned (seed 0); ")
+    assert "200 steps, 4-bit weights, group 128" in line and "1.253 -> 0.6396, kept the learned" in line
 
 
 def test_inspect_errors_runs_explain(artifact, monkeypatch, capsys):
