@@ -2,9 +2,9 @@
 
 A random orthogonal rotation is a lottery: on SmolLM2-135M with 4-bit GPTQ
 weights, three seeds of the randomized Hadamard give +7.2% to +9.0% perplexity
-(128 held-out windows; +9.9% unrotated). SpinQuant learns the rotation instead: it keeps the
-model's fp32 function exact (any orthogonal ``Q`` does) and minimises the loss
-of the *quantized* model over ``Q``.
+(128 held-out windows; +9.9% unrotated). SpinQuant learns the rotation
+instead: it keeps the model's fp32 function exact (any orthogonal ``Q`` does)
+and minimises the loss of the *quantized* model over ``Q``.
 
 Here ``Q = Q_0 · C(A)``: ``Q_0`` the randomized Hadamard the ``rotate`` pass
 draws, ``C(A) = (I - A)^{-1} (I + A)`` the Cayley transform of a
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
@@ -35,6 +35,9 @@ from lowbit.compiler.progress import progress
 from lowbit.compiler.torch_graph import check_supported, graph_params, run_graph
 from lowbit.passes.fold_norms import set_constant_input
 from lowbit.passes.quantize_weights import Grid
+
+if TYPE_CHECKING:
+    from lowbit.passes.rotate import ResidualStream
 
 
 def fake_quantize(w: torch.Tensor, grid: Grid, group_size: int | None) -> torch.Tensor:
@@ -66,7 +69,7 @@ def _private(graph: ir.Graph, node: ir.Node, index: int) -> str:
 
 def learn_rotation(
     graph: ir.Graph,
-    stream: Any,
+    stream: ResidualStream,
     start: np.ndarray,
     batches: Sequence[dict[str, Any]],
     *,
@@ -78,8 +81,9 @@ def learn_rotation(
     seed: int,
     show_progress: bool = True,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """``(Q, notes)``: the learned ``[d, d]`` rotation of ``stream`` (a ``rotate.ResidualStream``
-    of the unrotated ``graph``), starting from the orthogonal ``start``."""
+    """``(Q, notes)``: the learned ``[d, d]`` rotation of ``stream`` (found in the unrotated
+    ``graph``), starting from the orthogonal ``start``; ``Q`` is ``start`` when learning did not
+    lower the fake-quantized KL over all ``batches``."""
     check_supported(graph)
     emb = [_private(graph, g, 0) for g in stream.embeddings]
     readers = [_private(graph, r, 1) for r in stream.readers]
@@ -137,7 +141,7 @@ def learn_rotation(
         "steps": steps, "lr": lr, "batch_size": batch_size, "bits": bits, "group_size": group_size,
         "fake_quant_kl_start": before, "fake_quant_kl_learned": after,
         "kept": "learned" if kept else "start (learning did not lower the fake-quantized KL)",
-        "loss_first_steps": float(np.mean(losses[: max(1, steps // 10)])),
-        "loss_last_steps": float(np.mean(losses[-max(1, steps // 10) :])),
+        "loss_first_steps": float(np.mean(losses[: max(1, steps // 10)])) if losses else None,
+        "loss_last_steps": float(np.mean(losses[-max(1, steps // 10) :])) if losses else None,
     }  # fmt: skip
     return (q.numpy() if kept else np.asarray(start, np.float64)), notes
