@@ -36,21 +36,34 @@ sys.path.insert(0, str(HERE))
 SECTION = "## Held-out check on more windows: {model}"
 
 
-def measure(path: Path, feeds, ref=None):
-    """(per-token NLL [windows, T-1], per-window KL from ``ref`` or the log-probs themselves)."""
+def session(path: Path):
     import onnxruntime as ort
-    from lowbit.compiler.evaluate import log_softmax
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
-    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    nll, other = [], []
-    for i, feed in enumerate(feeds):
-        logp = log_softmax(session.run(None, feed)[0][0].astype(np.float64))
-        ids = feed["input_ids"][0]
-        nll.append(-logp[np.arange(len(ids) - 1), ids[1:]])
-        other.append(logp.astype(np.float32) if ref is None else float((np.exp(ref[i]) * (ref[i] - logp)).sum(-1).mean()))
-    return np.array(nll), other
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def quarter_metrics(path: Path, quarters, ref) -> list[dict[str, float]]:
+    """``lm_metrics`` against fp32 (``ref``: its logits per quarter) for each quarter of the windows,
+    one quarter's logits in memory at a time."""
+    from lowbit.compiler.evaluate import lm_metrics, run_batches
+
+    s = session(path)
+    return [lm_metrics(r, run_batches(s, feeds), [f["input_ids"] for f in feeds]) for feeds, r in zip(quarters, ref)]
+
+
+def pooled(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Perplexity increase and KL over all windows from the quarters' (weighted by their positions;
+    every window has the same length, so positions and predicted tokens are proportional)."""
+    w = np.array([p["positions"] for p in parts], float)
+
+    def mean_log(key: str) -> float:
+        return float(np.dot(w, np.log([p[key] for p in parts])) / w.sum())
+
+    return {"perplexity_increase": math.exp(mean_log("perplexity") - mean_log("perplexity_fp32")) - 1,
+            "kl": float(np.dot(w, [p["kl"] for p in parts]) / w.sum()),
+            "perplexity_fp32": math.exp(mean_log("perplexity_fp32"))}
 
 
 def describe(folder: Path) -> str:
@@ -70,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     from _common import provenance_lines, run_record, write_outputs
     from compare_4bit import MODELS, load_fp32
     from lowbit.compiler.data import split_text
+    from lowbit.compiler.evaluate import run_batches
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=list(MODELS), required=True)
@@ -92,20 +106,18 @@ def main(argv: list[str] | None = None) -> None:
     split = split_text(adapter.tokenizer, calib_data=spec["text"], eval_data=None, calib_samples=32,
                        eval_samples=args.windows, seq_len=128)
     feeds = [{"input_ids": adapter.make_inputs([w])["input_ids"]} for w in split.evaluation]
-    base, ref = measure(fp32, feeds)
-    quarter = max(1, len(feeds) // 4)
+    size = -(-len(feeds) // 4)
+    quarters = [feeds[i:i + size] for i in range(0, len(feeds), size)]
+    fp32_session = session(fp32)
+    ref = [run_batches(fp32_session, q) for q in quarters]
     rows = []
     for label, folder in named:
-        nll, kl = measure(Path(folder) / "model.onnx", feeds, ref)
-        rows.append({
-            "label": label, "folder": folder,
-            "perplexity_increase": math.exp(nll.mean() - base.mean()) - 1, "kl": float(np.mean(kl)),
-            "quarters": [math.exp(nll[i:i + quarter].mean() - base[i:i + quarter].mean()) - 1
-                         for i in range(0, quarter * 4, quarter)],
-        })  # fmt: skip
+        parts = quarter_metrics(Path(folder) / "model.onnx", quarters, ref)
+        rows.append({"label": label, "folder": folder, **pooled(parts),
+                     "quarters": [p["perplexity_increase"] for p in parts]})
         print(f"{label}: {rows[-1]['perplexity_increase']:+.2%}, KL {rows[-1]['kl']:.4f}", flush=True)
     record = run_record(__file__, argv, {"model": args.model, "windows": len(feeds), "seq_len": 128,
-                                         "text": split.source, "fp32_perplexity": math.exp(base.mean())})
+                                         "text": split.source, "fp32_perplexity": rows[0]["perplexity_fp32"]})
     record["rows"] = rows
     record["load_average_at_end"] = list(os.getloadavg())
     record["total_seconds"] = time.perf_counter() - start

@@ -15,7 +15,7 @@ operator outside that set raises :class:`UnsupportedOpError` naming it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -203,9 +203,8 @@ def run_graph(
     graph: ir.Graph,
     feeds: Mapping[str, np.ndarray | torch.Tensor],
     params: Mapping[str, torch.Tensor],
-    outputs: Sequence[str] | None = None,
 ) -> list[torch.Tensor]:
-    """The graph's outputs (or the named ``outputs``) for ``feeds``, with ``params`` as initializers."""
+    """The graph's outputs for ``feeds``, with ``params`` as initializers."""
     env: dict[str, torch.Tensor] = dict(params)
     for name, value in feeds.items():
         env[name] = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
@@ -215,5 +214,4 @@ def run_graph(
             check_supported(graph)
         args = [env[v.name] if v is not None and v.name else None for v in node.inputs]
         env[node.outputs[0].name] = fn(node, args)
-    names = outputs or [v.name for v in graph.outputs]
-    return [env[name] for name in names]
+    return [env[v.name] for v in graph.outputs]

@@ -129,6 +129,13 @@ def weight_dequantize(node: ir.Node) -> tuple[ir.Node, QuantizedWeight] | None:
     return dq, QuantizedWeight(codes, scale.astype(np.float32), zero, bits, group)
 
 
+def record_kernel(layers_notes: dict[str, Any], layer: str, kernel: str) -> None:
+    """Note ``kernel`` for ``layer``, and for every layer fused with it (one MatMul runs them all)."""
+    for member in layers_notes.get(layer, {}).get("fused_with", [layer]):
+        if member in layers_notes:
+            layers_notes[member]["kernel"] = kernel
+
+
 def planned_linears(graph: ir.Graph, plan) -> Iterator[tuple[ir.Node, str, Any, QuantizedWeight]]:
     """``(MatMul, layer name, its LayerPlan, quantized weight)`` for every planned linear of
     ``graph`` whose weight is a quantized constant (a snapshot: the caller may rewrite)."""
@@ -240,9 +247,7 @@ class LowerToORTPass(LowbitPass):
             replace_value(node.outputs[0], y)
             graph.remove(node, safe=True)
             kernels[kernel] = kernels.get(kernel, 0) + 1
-            for member in layers_notes.get(layer, {}).get("fused_with", [layer]):  # a fused MatMul runs them all
-                if member in layers_notes:
-                    layers_notes[member]["kernel"] = kernel
+            record_kernel(layers_notes, layer, kernel)
         lowered = sum(kernels.values())
         if lowered:
             for n in graph:

@@ -30,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from lowbit.backends.ort.lower import planned_linears, static_activation
+from lowbit.backends.ort.lower import planned_linears, record_kernel, static_activation
 from lowbit.backends.tvm import ops
 from lowbit.compiler.errors import InputError
 from lowbit.compiler.irutil import add_initializer, replace_value
@@ -81,9 +81,7 @@ class LowerToTVMPass(LowbitPass):
             replace_value(node.outputs[0], y)
             graph.remove(node, safe=True)
             kernels[kernel] = kernels.get(kernel, 0) + 1
-            for member in layers_notes.get(layer, {}).get("fused_with", [layer]):  # a fused MatMul runs them all
-                if member in layers_notes:
-                    layers_notes[member]["kernel"] = kernel
+            record_kernel(layers_notes, layer, kernel)
         lowered = sum(kernels.values())
         if lowered:
             graph.opset_imports[ops.DOMAIN] = 1
