@@ -1,7 +1,7 @@
 """Learn the residual-stream rotation on calibration data (SpinQuant, arXiv:2405.16406).
 
 A random orthogonal rotation is a lottery: on SmolLM2-135M with 4-bit GPTQ
-weights, three seeds of the randomized Hadamard give +7.2% to +9.0% perplexity
+weights, three seeds of the randomized Hadamard give +7.2% to +9.1% perplexity
 (128 held-out windows; +9.9% unrotated). SpinQuant learns the rotation
 instead: it keeps the model's fp32 function exact (any orthogonal ``Q`` does)
 and minimises the loss of the *quantized* model over ``Q``.
