@@ -20,9 +20,11 @@ A recipe is a file a user can copy and edit::
     pass = "plan"          # registry name, entry point, or "pkg.mod:Class"
     activations = "dynamic"
 
-Every key besides ``pass`` is an option of that pass. ``resolved()`` gives
-the recipe with every option filled in (defaults included), which the
-manifest records.
+Every key besides ``pass`` is an option of that pass. An option of
+``LINKED_OPTIONS`` that the recipe leaves out follows the option it is linked
+to (the rotation is learned against the group size the plan quantizes to).
+``resolved()`` gives the recipe with every option filled in (defaults and
+links included), which the manifest records.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from lowbit.compiler.registry import instantiate, pass_options, resolve_pass
 
 DEFAULT_CALIBRATION = {"samples": 32, "seq_len": 128}
 DEFAULT_EVALUATION = {"samples": 16, "seq_len": 128}
+# (pass, option) -> (pass, option) it takes its value from when the recipe does not set it
+LINKED_OPTIONS = {("rotate", "learn_group_size"): ("plan", "group_size")}
 
 
 @dataclasses.dataclass
@@ -57,7 +61,17 @@ class Recipe:
 
     def build(self) -> list:
         """Instantiate the passes (validates every option name and value)."""
-        return [instantiate(p.name, p.options) for p in self.passes]
+        return [instantiate(p.name, self.options(p)) for p in self.passes]
+
+    def options(self, spec: PassSpec) -> dict[str, Any]:
+        """``spec``'s options as given, with the ``LINKED_OPTIONS`` it leaves out filled in."""
+        opts = dict(spec.options)
+        for (name, option), (source, source_option) in LINKED_OPTIONS.items():
+            if spec.name == name and option not in opts:
+                given = [p.options[source_option] for p in self.passes if p.name == source and source_option in p.options]
+                if given:
+                    opts[option] = given[0]
+        return opts
 
     def set_option(self, key: str, value: Any) -> None:
         """Apply ``PASS.OPTION=value`` (or ``calibration.samples=...``) from the command line."""
@@ -78,7 +92,7 @@ class Recipe:
         passes = []
         for spec in self.passes:
             opts = {o.name: o.default for o in pass_options(resolve_pass(spec.name))}
-            opts.update(spec.options)
+            opts.update(self.options(spec))
             passes.append({"pass": spec.name, **opts})
         return {
             "name": self.name,

@@ -542,7 +542,8 @@ class RotateResidualStreamPass(LowbitPass):
         learn_lr: Adam's learning rate for the rotation's Cayley parameters (cosine decay to 0).
         learn_batch: calibration windows per learning step.
         learn_bits: weight bits of the fake quantizer the rotation is learned against (4 or 8).
-        learn_group_size: its group size along the input features (0: per output channel).
+        learn_group_size: its group size along the input features (0: per output channel); in a
+            recipe it follows the ``plan`` pass's ``group_size`` unless set.
     """
 
     name = "rotate"

@@ -40,23 +40,42 @@ if TYPE_CHECKING:
     from lowbit.passes.rotate import ResidualStream
 
 
+class _RoundToGrid(torch.autograd.Function):
+    """Round-to-nearest on a symmetric grid per group of rows; the gradient passes straight through."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, grid: Grid, group_size: int) -> torch.Tensor:  # noqa: ARG004
+        k, n = w.shape
+        groups = -(-k // group_size)
+        x = torch.cat([w, w.new_zeros(groups * group_size - k, n)]) if groups * group_size != k else w
+        x = x.reshape(groups, group_size, n)
+        scale = x.abs().amax(1, keepdim=True).clamp_min_(1e-12).div_(grid.half_range)
+        q = (x / scale).round_().clamp_(grid.qmin, grid.qmax).mul_(scale)
+        return q.reshape(groups * group_size, n)[:k]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ARG004
+        return grad, None, None
+
+
 def fake_quantize(w: torch.Tensor, grid: Grid, group_size: int | None) -> torch.Tensor:
     """``w [K, N]`` rounded to ``grid`` per group of ``group_size`` rows (None: all ``K``), symmetric;
     the gradient passes straight through the rounding."""
-    k, n = w.shape
-    g = group_size or k
-    groups = -(-k // g)
-    x = torch.cat([w, w.new_zeros(groups * g - k, n)]) if groups * g != k else w
-    x = x.reshape(groups, g, n)
-    scale = x.detach().abs().amax(1, keepdim=True).clamp_min(1e-12) / grid.half_range
-    q = torch.clamp(torch.round(x / scale), grid.qmin, grid.qmax) * scale
-    return (x + (q - x).detach()).reshape(groups * g, n)[:k]
+    return _RoundToGrid.apply(w, grid, group_size or w.shape[0])
 
 
 def _kl(ref_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Mean over positions of KL(ref || softmax(logits)) along the last axis."""
     logq = torch.log_softmax(logits.float(), -1)
     return (ref_logp.exp() * (ref_logp - logq)).sum(-1).mean()
+
+
+def _concat(feeds: Sequence[dict[str, Any]]) -> dict[str, np.ndarray] | None:
+    """The feeds stacked along their first (batch) axis, or None when their shapes differ otherwise."""
+    arrays = {k: [np.asarray(f[k]) for f in feeds] for k in feeds[0]}
+    if any(a.ndim == 0 or a.shape[1:] != v[0].shape[1:] for v in arrays.values() for a in v):
+        return None
+    return {k: np.concatenate(v) for k, v in arrays.items()}
 
 
 def _private(graph: ir.Graph, node: ir.Node, index: int) -> str:
@@ -119,15 +138,20 @@ def learn_rotation(
             p = rotated(q)
             return float(np.mean([float(_kl(r, run_graph(graph, b, p)[0])) for b, r in zip(batches, refs)]))
 
+    def step_loss(chosen: Sequence[int]) -> torch.Tensor:
+        p = rotated(rotation())
+        feeds = _concat([batches[i] for i in chosen])
+        if feeds is not None:
+            return _kl(torch.cat([refs[i] for i in chosen]), run_graph(graph, feeds, p)[0])
+        return sum(_kl(refs[i], run_graph(graph, batches[i], p)[0]) for i in chosen) / len(chosen)
+
     before = loss_all(q0)
     opt = torch.optim.Adam([s], lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / max(steps, 1))))
     rng = np.random.default_rng(seed)
     losses = []
     for _ in progress(range(steps), desc="rotate: learning the rotation", enabled=show_progress):
-        chosen = rng.choice(len(batches), min(batch_size, len(batches)), replace=False)
-        p = rotated(rotation())
-        loss = sum(_kl(refs[i], run_graph(graph, batches[i], p)[0]) for i in chosen) / len(chosen)
+        loss = step_loss(rng.choice(len(batches), min(batch_size, len(batches)), replace=False))
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -32,3 +32,18 @@ def test_set_option_and_errors(tmp_path):
     empty.write_text('name = "x"\n')
     with pytest.raises(InputError, match="non-empty \\[\\[passes\\]\\]"):
         load_recipe(empty)
+
+
+def test_learned_rotation_follows_the_plans_group_size_unless_set():
+    def learn_group(recipe):
+        rotate = next(p for p in recipe.build() if p.name == "rotate")
+        resolved = next(p for p in recipe.resolved()["passes"] if p["pass"] == "rotate")
+        assert resolved["learn_group_size"] == rotate.learn_group_size
+        return rotate.learn_group_size
+
+    recipe = load_recipe("w4a8")
+    assert learn_group(recipe) == 128
+    recipe.set_option("plan.group_size", 32)
+    assert learn_group(recipe) == 32
+    recipe.set_option("rotate.learn_group_size", 64)  # an explicit value wins
+    assert learn_group(recipe) == 64

@@ -4,7 +4,7 @@ import torch
 from lowbit.compiler.passbase import CompileContext
 from lowbit.passes.quantize_weights import Grid, quantize_weight
 from lowbit.passes.rotate import RotateResidualStreamPass
-from lowbit.passes.rotation_learning import fake_quantize
+from lowbit.passes.rotation_learning import _concat, fake_quantize
 
 from tests.passes.real_models import fresh, max_rel_diff, outputs, windows
 
@@ -36,3 +36,10 @@ def test_learned_rotation_keeps_the_function_and_lowers_the_quantized_loss(share
     assert learned["kept"] == "learned" and notes["rotation"].endswith(", learned")
     assert learned["fake_quant_kl_learned"] < 0.9 * learned["fake_quant_kl_start"]
     assert max_rel_diff(outputs(model, evals), ref) < 1e-4
+
+
+def test_windows_of_one_shape_are_learned_on_as_one_batch():
+    a, b = {"input_ids": np.zeros((1, 8), np.int64)}, {"input_ids": np.ones((1, 8), np.int64)}
+    both = _concat([a, b])
+    np.testing.assert_array_equal(both["input_ids"], [[0] * 8, [1] * 8])
+    assert _concat([a, {"input_ids": np.zeros((1, 6), np.int64)}]) is None  # run one by one instead
