@@ -67,7 +67,8 @@ def pooled(parts: list[dict[str, float]]) -> dict[str, float]:
 
 
 def describe(folder: Path) -> str:
-    """The artifact's recipe, with the options of its rotation and plan, from its manifest."""
+    """The artifact's recipe, with its calibration windows and the options of its rotation and plan,
+    from its manifest."""
     manifest = folder / "manifest.json"
     if not manifest.is_file():
         return "no manifest"
@@ -76,7 +77,9 @@ def describe(folder: Path) -> str:
             "plan": ("precision", "group_size", "symmetric", "weight_algorithm")}
     parts = [f"{p['pass']}: " + ", ".join(f"{k}={p[k]}" for k in keys[p["pass"]] if k in p)
              for p in recipe.get("passes", []) if p.get("pass") in keys]
-    return f"recipe `{recipe.get('name', '?')}`" + (f" ({'; '.join(parts)})" if parts else ", unrotated")
+    samples = (recipe.get("calibration") or {}).get("samples")
+    calib = f", {samples} calibration windows" if samples else ""
+    return f"recipe `{recipe.get('name', '?')}`{calib}" + (f" ({'; '.join(parts)})" if parts else ", unrotated")
 
 
 def main(argv: list[str] | None = None) -> None:
