@@ -273,16 +273,11 @@ def recipe_toml(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _rotate_passes(recipe: str | Path) -> list[dict[str, Any]]:
-    """The ``rotate`` passes of a built-in recipe (by name) or a recipe file."""
+def rotates(recipe: str) -> bool:
     from lowbit.compiler.recipe import builtin_recipes
 
-    path = recipe if isinstance(recipe, Path) else builtin_recipes()[recipe]
-    return [p for p in tomllib.loads(path.read_text())["passes"] if p.get("pass") == "rotate"]
-
-
-def rotates(recipe: str) -> bool:
-    return bool(_rotate_passes(recipe))
+    data = tomllib.loads(builtin_recipes()[recipe].read_text())
+    return any(p.get("pass") == "rotate" for p in data["passes"])
 
 
 def toggled_rotation_recipe(recipe: str, folder: Path) -> tuple[Path, bool]:

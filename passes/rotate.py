@@ -624,8 +624,7 @@ class RotateResidualStreamPass(LowbitPass):
             self._online_transform(graph, lin, factors, rng)
         learned = None
         if self.learn_steps:
-            learned = self._learn(graph, stream, q)
-            q = Rotation([learned.pop("rotation")])
+            q, learned = self._learn(graph, stream, q)
         for g in stream.embeddings:
             set_constant_input(graph, g, 0, q.apply(_value(g.inputs[0])))
         for r in stream.readers:
@@ -654,8 +653,8 @@ class RotateResidualStreamPass(LowbitPass):
             notes["learned"] = learned
         return ir.passes.PassResult(model, True)
 
-    def _learn(self, graph: ir.Graph, stream: ResidualStream, start: Rotation) -> dict:
-        """The notes of :func:`rotation_learning.learn_rotation`, with the learned matrix as ``rotation``."""
+    def _learn(self, graph: ir.Graph, stream: ResidualStream, start: Rotation) -> tuple[Rotation, dict]:
+        """The rotation :func:`rotation_learning.learn_rotation` keeps, and its notes."""
         from lowbit.passes.rotation_learning import learn_rotation
 
         if not self.context.calibration_batches:
@@ -665,7 +664,7 @@ class RotateResidualStreamPass(LowbitPass):
             steps=self.learn_steps, lr=self.learn_lr, batch_size=self.learn_batch, bits=self.learn_bits,
             group_size=self.learn_group_size or None, seed=self.seed, show_progress=self.context.progress,
         )  # fmt: skip
-        return notes | {"rotation": q}
+        return Rotation([q]), notes
 
     def _online_transform(self, graph: ir.Graph, lin: ir.Node, factors: dict, rng: np.random.Generator) -> None:
         """``x -> x (A ⊗ B)`` on ``lin``'s input, folded as ``W' = P (A ⊗ B)ᵀ W``; factors are shared per width.
