@@ -317,7 +317,7 @@ def lowbit_method(recipe: str, *, four_bit: bool, toggle_rotation: bool = False)
             recipe_arg, with_rotation = toggled_rotation_recipe(recipe, folder.parent / f"{folder.name}-recipe")
         settings = {"calibration.samples": ctx["calib_samples"], "evaluation.samples": ctx["eval_samples"]}
         if four_bit:
-            settings["plan.group_size"] = ctx["block"]  # a learned rotation follows it (LINKED_OPTIONS)
+            settings["plan.group_size"] = ctx["block"]  # rotate.learn_group_size follows it (LINKED_OPTIONS)
             settings.update(ctx["lowbit_4bit_settings"])
         settings.update(ctx["lowbit_settings"])
         start = time.perf_counter()

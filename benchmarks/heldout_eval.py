@@ -73,7 +73,7 @@ def describe(folder: Path) -> str:
     if not manifest.is_file():
         return "no manifest"
     recipe = json.loads(manifest.read_text()).get("recipe") or {}
-    keys = {"rotate": ("seed", "per_head_v", "online_down_proj", "learn_steps", "learn_group_size"),
+    keys = {"rotate": ("seed", "per_head_v", "online_down_proj", "learn_steps", "learn_objective", "learn_group_size"),
             "plan": ("precision", "group_size", "symmetric", "weight_algorithm")}
     parts = [f"{p['pass']}: " + ", ".join(f"{k}={p[k]}" for k in keys[p["pass"]] if k in p)
              for p in recipe.get("passes", []) if p.get("pass") in keys]

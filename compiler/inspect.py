@@ -125,7 +125,10 @@ def _rotation_summary(notes: dict[str, Any]) -> str:
         return f"rotation: none ({rot['refused']})"
     line = f"rotation of the {rot.get('width')}-wide residual stream: {rot.get('rotation')} (seed {rot.get('seed')})"
     learned = rot.get("learned")
-    if learned:
+    if learned and learned.get("objective") == "incoherence":
+        line += (f"; learning ({learned['steps']} steps, weight incoherence): mean kurtosis of the rotated weights "
+                 f"{learned['kurtosis_start']:.4g} -> {learned['kurtosis_learned']:.4g}, kept the {learned['kept']}")
+    elif learned:
         line += (f"; learning ({learned['steps']} steps, {learned['bits']}-bit weights, group "
                  f"{learned['group_size'] or 'per channel'}): fake-quantized KL {learned['fake_quant_kl_start']:.4g} "
                  f"-> {learned['fake_quant_kl_learned']:.4g}, kept the {learned['kept']}")

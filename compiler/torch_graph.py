@@ -1,7 +1,7 @@
 """Run an ONNX graph in PyTorch, differentiable in its initializers.
 
-Passes that *learn* something through the whole model (the learned rotation of
-``passes/rotate.py``) need gradients of the model's output with respect to its
+Passes that *learn* something through the whole model (the rotation of
+``passes/rotate.py`` learned on the output KL) need gradients of the model's output with respect to its
 weights. ONNX Runtime gives outputs, not gradients, so :func:`run_graph`
 evaluates the ``onnx_ir`` graph node by node with torch operators: any
 initializer can be replaced by a tensor that requires grad (a rotated,

@@ -17,8 +17,9 @@ channels, so the per-token int8/int4 activation quantization that follows
 loses much less (Ashkboos et al., "QuaRot", arXiv:2404.00456; Liu et al.,
 "SpinQuant", arXiv:2405.16406, who learn ``Q``). ``Q`` starts as QuaRot's
 randomized Hadamard, which SpinQuant reports as a strong random choice; with
-``learn_steps`` it is then learned on calibration data against the recipe's
-weight quantizer (``passes/rotation_learning.py``).
+``learn_steps`` it is then learned, to spread the weights' large entries
+(OptRot's data-free objective) or against the recipe's weight quantizer on
+calibration data (SpinQuant's), see ``passes/rotation_learning.py``.
 
 ``Q`` is ``D (H_p ⊗ O_m)``: ``d = p·m`` with ``p`` the largest power of two
 dividing ``d``, ``H_p`` the normalised Sylvester Hadamard matrix, ``O_m`` a
@@ -537,8 +538,12 @@ class RotateResidualStreamPass(LowbitPass):
         online_down_proj: insert an online Hadamard-like transform on down_proj's input.
         head_dim: head size for per_head_v when the graph's Reshapes do not tell it (0: read it).
         strict: raise when the model cannot be rotated (False: skip the rotation and record why).
-        learn_steps: learn the rotation (SpinQuant) for this many steps on the calibration data,
-            starting from the randomized Hadamard (0: the randomized Hadamard as drawn).
+        learn_steps: learn the rotation for this many steps, starting from the randomized
+            Hadamard (0: the randomized Hadamard as drawn).
+        learn_objective: what the learning lowers: ``"incoherence"``, the kurtosis of the rotated
+            weights' entries (OptRot; data-free, about a minute on SmolLM2-135M), or ``"kl"``,
+            the output KL of the model with round-to-nearest weights on the calibration data
+            (SpinQuant; about ten minutes). The options below apply to ``"kl"`` only.
         learn_lr: Adam's learning rate for the rotation's Cayley parameters (cosine decay to 0).
         learn_batch: calibration windows per learning step.
         learn_bits: weight bits of the fake quantizer the rotation is learned against (4 or 8).
@@ -557,6 +562,7 @@ class RotateResidualStreamPass(LowbitPass):
         head_dim: int = 0,
         strict: bool = True,
         learn_steps: int = 0,
+        learn_objective: str = "incoherence",
         learn_lr: float = 2e-3,
         learn_batch: int = 2,
         learn_bits: int = 4,
@@ -574,6 +580,9 @@ class RotateResidualStreamPass(LowbitPass):
         self.learn_batch = learn_batch
         self.learn_bits = learn_bits
         self.learn_group_size = learn_group_size
+        if learn_objective not in ("kl", "incoherence"):
+            raise InputError(f"rotate: learn_objective must be 'kl' or 'incoherence' (got {learn_objective!r})")
+        self.learn_objective = learn_objective
         self.seed = seed
         self.per_head_v = per_head_v
         self.online_down_proj = online_down_proj
@@ -654,9 +663,15 @@ class RotateResidualStreamPass(LowbitPass):
         return ir.passes.PassResult(model, True)
 
     def _learn(self, graph: ir.Graph, stream: ResidualStream, start: Rotation) -> tuple[Rotation, dict]:
-        """The rotation :func:`rotation_learning.learn_rotation` keeps, and its notes."""
-        from lowbit.passes.rotation_learning import learn_rotation
+        """The rotation that :mod:`rotation_learning` keeps for ``learn_objective``, and its notes."""
+        from lowbit.passes.rotation_learning import learn_incoherent_rotation, learn_rotation
 
+        if self.learn_objective == "incoherence":
+            q, notes = learn_incoherent_rotation(
+                graph, stream, start.dense(), steps=self.learn_steps, lr=self.learn_lr, seed=self.seed,
+                show_progress=self.context.progress,
+            )
+            return Rotation([q]), notes
         if not self.context.calibration_batches:
             raise InputError("rotate: learn_steps needs calibration data to learn the rotation on (none given)")
         q, notes = learn_rotation(

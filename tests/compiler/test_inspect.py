@@ -65,6 +65,12 @@ def test_rotation_summary_says_which_rotation_and_what_learning_did():
                                          "learned": learned}})
     assert line.startswith("rotation of the 64-wide residual stream: randomized Hadamard D·H_64, learned (seed 0); ")
     assert "200 steps, 4-bit weights, group 128" in line and "1.253 -> 0.6396, kept the learned" in line
+    incoherent = {"objective": "incoherence", "steps": 400, "kurtosis_start": 3.7319, "kurtosis_learned": 3.1366,
+                  "kept": "learned"}
+    line = _rotation_summary({"rotate": {"rotation": "randomized Hadamard D·H_64, learned", "width": 64, "seed": 0,
+                                         "learned": incoherent}})
+    assert line.endswith("; learning (400 steps, weight incoherence): mean kurtosis of the rotated weights "
+                         "3.732 -> 3.137, kept the learned")
 
 
 def test_inspect_errors_runs_explain(artifact, monkeypatch, capsys):

@@ -200,6 +200,7 @@ def test_per_head_v_without_attention_is_refused():
     ({"learn_batch": 0}, "learn_batch >= 1"),
     ({"learn_bits": 3}, "learn_bits must be 4 or 8"),
     ({"learn_group_size": -32}, "learn_group_size >= 0"),
+    ({"learn_objective": "mse"}, "learn_objective must be 'kl' or 'incoherence'"),
 ])  # fmt: skip
 def test_bad_learning_options_are_refused(options, message):
     with pytest.raises(InputError, match=message):
@@ -208,7 +209,7 @@ def test_bad_learning_options_are_refused(options, message):
 
 def test_learning_without_calibration_data_is_refused():
     with pytest.raises(InputError, match="learn_steps needs calibration data"):
-        RotateResidualStreamPass(learn_steps=5)(tiny_lm())
+        RotateResidualStreamPass(learn_steps=5, learn_objective="kl")(tiny_lm())
 
 
 @pytest.fixture(scope="module")

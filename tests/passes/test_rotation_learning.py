@@ -4,7 +4,8 @@ import torch
 from lowbit.compiler.passbase import CompileContext
 from lowbit.passes.quantize_weights import Grid, quantize_weight
 from lowbit.passes.rotate import RotateResidualStreamPass
-from lowbit.passes.rotation_learning import _concat, fake_quantize
+from lowbit.passes.rotate import find_residual_stream
+from lowbit.passes.rotation_learning import _concat, fake_quantize, incoherence, stream_weights
 
 from tests.passes.real_models import fresh, max_rel_diff, outputs, windows
 
@@ -28,7 +29,8 @@ def test_learned_rotation_keeps_the_function_and_lowers_the_quantized_loss(share
     calib, evals = windows(adapter, calib=16, evals=2, seq_len=64, text=shared_dir.parent / "data" / "tinystories.txt")
     ref = outputs(model, evals)
     # 4-bit per channel: the grid where stories260K's outliers cost the most (random Hadamard: KL 0.30)
-    p = RotateResidualStreamPass(per_head_v=True, learn_steps=60, learn_lr=1e-2, learn_batch=4, learn_group_size=0)
+    p = RotateResidualStreamPass(per_head_v=True, learn_steps=60, learn_objective="kl", learn_lr=1e-2, learn_batch=4,
+                                 learn_group_size=0)
     p.context = CompileContext(calibration_batches=calib, progress=False)
     p(model)
     notes = p.context.notes["rotate"]
@@ -43,3 +45,36 @@ def test_windows_of_one_shape_are_learned_on_as_one_batch():
     both = _concat([a, b])
     np.testing.assert_array_equal(both["input_ids"], [[0] * 8, [1] * 8])
     assert _concat([a, {"input_ids": np.zeros((1, 6), np.int64)}]) is None  # run one by one instead
+
+
+def test_incoherence_is_the_mean_kurtosis_of_the_rotated_weights():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((6, 40)), rng.standard_normal((6, 9)) * 5.0
+    a[2, 7] = 30.0  # one dominant entry: a high kurtosis
+    q = torch.from_numpy(np.linalg.qr(rng.standard_normal((6, 6)))[0])
+
+    def kurtosis(w):
+        return np.mean(w**4) / np.mean(w**2) ** 2
+
+    weights = [torch.from_numpy(w / np.sqrt(np.mean(w**2))).float() for w in (a, b)]
+    expected = (kurtosis(q.numpy().T @ a) + kurtosis(q.numpy().T @ b)) / 2
+    assert incoherence(q, weights, chunk=7) == pytest.approx(expected, rel=1e-5)
+    assert incoherence(torch.eye(6, dtype=torch.float64), weights) > expected  # the rotation spread the outlier
+
+
+def test_incoherence_learning_keeps_the_function_and_spreads_the_weights(shared_dir):
+    source = shared_dir / "stories260K" / "stories260K.bin"
+    model, adapter = fresh(source)
+    _, evals = windows(adapter, calib=1, evals=2, seq_len=64, text=shared_dir.parent / "data" / "tinystories.txt")
+    ref = outputs(model, evals)
+    p = RotateResidualStreamPass(per_head_v=True, learn_steps=100, learn_lr=1e-2)
+    p.context = CompileContext(progress=False)  # data-free: no calibration windows needed
+    p(model)
+    learned = p.context.notes["rotate"]["learned"]
+    assert learned["objective"] == "incoherence" and learned["kept"] == "learned"
+    assert learned["kurtosis_learned"] < 0.95 * learned["kurtosis_start"]
+    assert max_rel_diff(outputs(model, evals), ref) < 1e-4
+    # the notes measure the rotated model's own weights: recomputed from the graph, unrotated
+    weights = stream_weights(model.graph, find_residual_stream(model.graph))
+    assert incoherence(torch.eye(weights[0].shape[0], dtype=torch.float64), weights) == pytest.approx(
+        learned["kurtosis_learned"], rel=1e-4)
