@@ -207,12 +207,11 @@ def stream_weights(graph: ir.Graph, stream: ResidualStream) -> list[torch.Tensor
     """Every weight a rotation ``Q`` of ``stream`` touches, as ``[d, n]`` columns ``x`` that ``Q``
     turns into ``Qᵀ x`` (readers as they are, writers and embedding tables transposed), each
     scaled to a mean square of 1."""
-    mats = [r.inputs[1] for r in stream.readers] + [w.linear.inputs[1] for w in stream.writers]
-    mats += [g.inputs[0] for g in stream.embeddings]
+    readers = [r.inputs[1].const_value.numpy() for r in stream.readers]
+    others = [w.linear.inputs[1] for w in stream.writers] + [g.inputs[0] for g in stream.embeddings]
     out = []
-    for i, value in enumerate(mats):
-        m = value.const_value.numpy()
-        t = torch.from_numpy(np.ascontiguousarray(m if i < len(stream.readers) else m.T, np.float32))
+    for m in readers + [v.const_value.numpy().T for v in others]:
+        t = torch.from_numpy(np.ascontiguousarray(m, np.float32))
         out.append(t / t.square().mean().sqrt().clamp_min(1e-30))
     return out
 
