@@ -1,11 +1,12 @@
 """Run an ONNX graph in PyTorch, differentiable in its initializers.
 
 Passes that *learn* something through the whole model (the rotation of
-``passes/rotate.py`` learned on the output KL) need gradients of the model's output with respect to its
-weights. ONNX Runtime gives outputs, not gradients, so :func:`run_graph`
-evaluates the ``onnx_ir`` graph node by node with torch operators: any
-initializer can be replaced by a tensor that requires grad (a rotated,
-fake-quantized weight) and the loss backpropagates to it.
+``passes/rotate.py`` learned on the output KL) need gradients of the model's
+output with respect to its weights. ONNX Runtime gives outputs, not
+gradients, so :func:`run_graph` evaluates the ``onnx_ir`` graph node by node
+with torch operators: any initializer can be replaced by a tensor that
+requires grad (a rotated, fake-quantized weight) and the loss backpropagates
+to it.
 
 It covers the default-domain operators the exported transformers are made of
 after ``canonicalize`` (elementwise arithmetic, MatMul, Softmax, the norms'
