@@ -68,7 +68,8 @@ class Recipe:
         opts = dict(spec.options)
         for (name, option), (source, source_option) in LINKED_OPTIONS.items():
             if spec.name == name and option not in opts:
-                given = [p.options[source_option] for p in self.passes if p.name == source and source_option in p.options]
+                given = [p.options[source_option] for p in self.passes
+                         if p.name == source and source_option in p.options]
                 if given:
                     opts[option] = given[0]
         return opts

@@ -224,7 +224,8 @@ def incoherence(q: torch.Tensor, weights: Sequence[torch.Tensor], chunk: int = 8
     with torch.no_grad():
         total = 0.0
         for x in weights:
-            total += sum(float((q.T @ x[:, i : i + chunk]).pow(4).sum()) for i in range(0, x.shape[1], chunk)) / x.numel()
+            fourth = sum(float((q.T @ x[:, i : i + chunk]).pow(4).sum()) for i in range(0, x.shape[1], chunk))
+            total += fourth / x.numel()
     return total / len(weights)
 
 
