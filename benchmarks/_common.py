@@ -222,7 +222,7 @@ class WindowReader:
 def accuracy(task: str, ref_out: list[np.ndarray], out: list[np.ndarray], eval_ids: list[np.ndarray]) -> dict[str, Any]:
     """Against fp32 on the held-out windows: perplexity, its increase, KL(fp32 || method), top-1
     agreement for causal LMs; cosine similarity of the outputs otherwise."""
-    from lowbit.compiler import evaluate
+    from lowbit.compiler.core import evaluate
 
     if task == "causal-lm":
         return evaluate.lm_metrics(ref_out, out, eval_ids)
@@ -234,7 +234,7 @@ def latency_round_robin(
 ) -> dict[str, Any]:
     """Per T: every method's median latency per round; the methods run interleaved, the
     starting method rotating each round, so machine noise hits all of them alike."""
-    from lowbit.compiler import evaluate
+    from lowbit.compiler.core import evaluate
 
     names = list(sessions)
     result: dict[str, Any] = {}

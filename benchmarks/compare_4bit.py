@@ -5,7 +5,7 @@ For each model (stories260K and SmolLM2-135M by default), in one process and one
 1. export the fp32 ONNX once with lowbit's frontend — every method starts from this file;
 2. cut the model's text (TinyStories for stories260K, Python's ``pydoc_data.topics`` prose for
    SmolLM2) into disjoint calibration and held-out windows with
-   ``lowbit.compiler.data.split_text`` — every method calibrates on the same windows and is
+   ``lowbit.compiler.core.data.split_text`` — every method calibrates on the same windows and is
    evaluated on the same held-out windows;
 3. quantize it, timing each (wall), all 4-bit methods at the model's judged block size
    (32 for stories260K; 128 for SmolLM2-135M, whose weights came from Q4_1 blocks of 32, so
@@ -73,8 +73,9 @@ from _common import (
     REPO,
     T0,
     THREADS,
-    accuracy,
     CaptureWarnings,
+    WindowReader,
+    accuracy,
     export_fp32,
     fmt_ms,
     jsonable,
@@ -87,7 +88,6 @@ from _common import (
     run_record,
     short_error,
     update_results,
-    WindowReader,
     write_outputs,
 )
 
@@ -274,7 +274,7 @@ def recipe_toml(data: dict[str, Any]) -> str:
 
 
 def rotates(recipe: str) -> bool:
-    from lowbit.compiler.recipe import builtin_recipes
+    from lowbit.compiler.core.recipe import builtin_recipes
 
     data = tomllib.loads(builtin_recipes()[recipe].read_text())
     return any(p.get("pass") == "rotate" for p in data["passes"])
@@ -284,7 +284,7 @@ def toggled_rotation_recipe(recipe: str, folder: Path) -> tuple[Path, bool]:
     """A copy of built-in ``recipe`` with the rotation toggled: without ``fold-norms`` and
     ``rotate`` if it has them, else with them after ``canonicalize`` (options as ``w8a8`` has
     them). Returns (path, whether the copy rotates)."""
-    from lowbit.compiler.recipe import builtin_recipes
+    from lowbit.compiler.core.recipe import builtin_recipes
 
     files = builtin_recipes()
     data = tomllib.loads(files[recipe].read_text())
@@ -398,9 +398,9 @@ def reused_method(folder: Path) -> dict[str, Any] | None:
 def bench_model(name: str, root: Path, cfg: dict[str, Any], args: argparse.Namespace, save: Callable[[], None]) -> dict[str, Any]:
     """Quantize with every method, measuring each method's accuracy right after it (so a run
     cut short keeps what it measured; ``save`` writes the JSON so far), then latency of all."""
-    from lowbit.compiler import evaluate
-    from lowbit.compiler.data import split_text
-    from lowbit.compiler.ortsession import make_session
+    from lowbit.compiler.core import evaluate
+    from lowbit.compiler.core.data import split_text
+    from lowbit.compiler.core.ortsession import make_session
 
     spec = MODELS[name]
     work = root / "compare_4bit" / name
@@ -541,7 +541,7 @@ LABELS = {
 
 def current_w4a8() -> list[str]:
     """The pass names of the w4a8 recipe in this tree (read when rendering)."""
-    from lowbit.compiler.recipe import load_recipe
+    from lowbit.compiler.core.recipe import load_recipe
 
     return [p.name for p in load_recipe("w4a8").passes]
 
@@ -746,7 +746,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "All methods start from the same fp32 ONNX export (lowbit's frontend), calibrate on the same "
         f"{results['settings']['calib_samples']} windows and are measured on the same {results['settings']['eval_samples']} "
-        f"held-out windows of {SEQ_LEN} tokens (`lowbit.compiler.data.split_text`, 80/20: TinyStories text for stories260K, "
+        f"held-out windows of {SEQ_LEN} tokens (`lowbit.compiler.core.data.split_text`, 80/20: TinyStories text for stories260K, "
         "Python's `pydoc_data.topics` prose for SmolLM2). 4-bit weights at one block size per model "
         f"({blocks}; SmolLM2's weights came from Q4_1 blocks of 32, so block 32 asymmetric would be lossless on it). "
         "Peers: `MatMulNBitsQuantizer(bits=4, block_size, is_symmetric=True, accuracy_level=4)` with ORT's default, RTN, "

@@ -5,7 +5,7 @@ For each model (SmolLM2-135M, all-MiniLM-L6-v2 by default), in one process and o
 1. export the fp32 ONNX once with lowbit's frontend (torch dynamo exporter) — every method
    starts from this same file;
 2. cut the default text (Python's ``pydoc_data.topics`` prose) into disjoint calibration and
-   held-out windows with ``lowbit.compiler.data.split_text`` — every method calibrates on the
+   held-out windows with ``lowbit.compiler.core.data.split_text`` — every method calibrates on the
    same windows and is evaluated on the same held-out windows;
 3. quantize it three ways, timing each (wall):
 
@@ -56,9 +56,10 @@ from _common import (
     REPO,
     T0,
     THREADS,
+    CaptureWarnings,
+    WindowReader,
     accuracy,
     big_model,
-    CaptureWarnings,
     export_fp32,
     fmt_ms,
     jsonable,
@@ -71,7 +72,6 @@ from _common import (
     run_record,
     short_error,
     update_results,
-    WindowReader,
     write_outputs,
 )
 
@@ -226,8 +226,8 @@ QUANTIZERS: dict[str, Callable[[Path, Path, dict[str, Any]], dict[str, Any]]] = 
 # Measurement
 # ---------------------------------------------------------------------------------------
 def bench_model(name: str, root: Path, cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    from lowbit.compiler.data import split_text
-    from lowbit.compiler.ortsession import make_session
+    from lowbit.compiler.core.data import split_text
+    from lowbit.compiler.core.ortsession import make_session
 
     work = root / "compare_int8" / name
     if work.exists():
@@ -290,7 +290,7 @@ def bench_model(name: str, root: Path, cfg: dict[str, Any], args: argparse.Names
 
     # Accuracy on the held-out windows.
     log(f"{name}: accuracy on {len(eval_feeds)} held-out windows")
-    from lowbit.compiler import evaluate
+    from lowbit.compiler.core import evaluate
 
     ref_out = evaluate.run_batches(sessions["fp32"], eval_feeds)
     for method, sess in sessions.items():
@@ -465,7 +465,7 @@ def markdown(results: dict[str, Any]) -> str:
         "All methods start from the same fp32 ONNX export (torch dynamo exporter via lowbit's frontend), "
         f"calibrate on the same {results['settings']['calib_samples']} windows and are measured on the same "
         f"{results['settings']['eval_samples']} held-out windows of {SEQ_LEN} tokens (Python's `pydoc_data.topics` prose, "
-        "split 80/20 by `lowbit.compiler.data.split_text`). Peers: `quantize_dynamic(per_channel=True, "
+        "split 80/20 by `lowbit.compiler.core.data.split_text`). Peers: `quantize_dynamic(per_channel=True, "
         "weight_type=QInt8)`; `quantize_static(quant_format=QDQ, per_channel=True)` with ORT's defaults otherwise "
         "(MinMax, QInt8 activations and weights, all op types). lowbit: `recipe=\"w8a8\"` (rotation, smoothing, int8 "
         "per-channel weights, int8 activations quantized at run time per tensor or per token as calibration chose). Latency: batch 1, intra_op_num_threads=2, ORT_ENABLE_ALL; "

@@ -4,7 +4,7 @@ The compile benchmarks judge accuracy on the 16 held-out windows every compile
 verifies on. Between two close configurations that is noisy: on SmolLM2-135M
 the w4a8 perplexity increase of one artifact moved by 2.4 points between those
 16 windows and 128. This script measures artifacts that are already built on
-more windows of the same held-out text (`lowbit.compiler.data.split_text`, the
+more windows of the same held-out text (`lowbit.compiler.core.data.split_text`, the
 split every compile uses) and reports each quarter of the windows separately,
 so a difference can be seen to hold across the text or not.
 
@@ -47,7 +47,7 @@ def session(path: Path):
 def quarter_metrics(path: Path, quarters, ref) -> list[dict[str, float]]:
     """``lm_metrics`` against fp32 (``ref``: its logits per quarter) for each quarter of the windows,
     one quarter's logits in memory at a time."""
-    from lowbit.compiler.evaluate import lm_metrics, run_batches
+    from lowbit.compiler.core.evaluate import lm_metrics, run_batches
 
     s = session(path)
     return [lm_metrics(r, run_batches(s, feeds), [f["input_ids"] for f in feeds]) for feeds, r in zip(quarters, ref)]
@@ -85,8 +85,8 @@ def describe(folder: Path) -> str:
 def main(argv: list[str] | None = None) -> None:
     from _common import provenance_lines, run_record, write_outputs
     from compare_4bit import MODELS, load_fp32
-    from lowbit.compiler.data import split_text
-    from lowbit.compiler.evaluate import run_batches
+    from lowbit.compiler.core.data import split_text
+    from lowbit.compiler.core.evaluate import run_batches
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=list(MODELS), required=True)

@@ -67,11 +67,11 @@ def _log(msg: str) -> None:
 
 def prepare(model_name: str, layers: int | None, calib: int, evals: int, seq_len: int):
     """(model at the planner, compile context, held-out feeds, held-out ids, seconds)."""
-    from lowbit.compiler.data import split_text
+    from lowbit.compiler.core.data import split_text
+    from lowbit.compiler.core.passbase import CompileContext, assign_debug_ids
+    from lowbit.compiler.core.pipeline import run_pipeline
+    from lowbit.compiler.core.recipe import load_recipe
     from lowbit.compiler.frontend import load_source
-    from lowbit.compiler.passbase import CompileContext, assign_debug_ids
-    from lowbit.compiler.pipeline import run_pipeline
-    from lowbit.compiler.recipe import load_recipe
     from lowbit.models import load_model
     from lowbit.models.llama import LlamaAdapter
 
@@ -99,9 +99,9 @@ def prepare(model_name: str, layers: int | None, calib: int, evals: int, seq_len
 
 def run_planner(model, context, options: dict[str, Any]):
     """plan-mixed on ``model``; returns (plan, notes, the session it built, seconds)."""
-    import lowbit.compiler.sensitivity as sens_mod
-    from lowbit.compiler.plan import read_plan
-    from lowbit.passes.plan_mixed import NOTES_KEY, PlanMixedPrecisionPass
+    import lowbit.compiler.analysis.sensitivity as sens_mod
+    from lowbit.compiler.analysis.plan_mixed import NOTES_KEY, PlanMixedPrecisionPass
+    from lowbit.compiler.core.plan import read_plan
 
     built = []
     original = sens_mod.SensitivityGraph
@@ -154,8 +154,8 @@ def spearman(a, b) -> float:
 
 def validate(graph, context, notes, args) -> dict[str, Any]:
     """Exact (one run per layer and candidate) against scaled sensitivities on every Nth layer."""
-    from lowbit.compiler.explain import batched
-    from lowbit.compiler.sensitivity import Scorer, measure, reference_outputs
+    from lowbit.compiler.analysis.sensitivity import Scorer, measure, reference_outputs
+    from lowbit.compiler.core.data import batched
 
     batches = batched(context.calibration_batches[: args.samples], 2048)
     scorer = Scorer(reference_outputs(graph, batches), [b["input_ids"] for b in batches])
@@ -251,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
                        "layers": len(plan.layers), "load_average_after": os.getloadavg()}
     save()
 
-    from lowbit.compiler import allocate
-    from lowbit.compiler.sensitivity import Scorer, reference_outputs
+    from lowbit.compiler.analysis import allocate
+    from lowbit.compiler.analysis.sensitivity import Scorer, reference_outputs
 
     layers = [lay.name for lay in graph.layers]
     cands, S, B, allowed = matrices(notes, layers)

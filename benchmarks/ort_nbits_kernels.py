@@ -48,6 +48,10 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lowbit.backends.ort import nbits, qlinear
+from lowbit.backends.ort.qlinear import NodeBuilder
+from lowbit.compiler.analysis.costs import cpu_model
+from lowbit.passes.quantize_weights import QuantizedWeight, _storage, quantize_weight
 from ort_linear_kernels import (  # same folder: shared measurement helpers
     CacheFlusher,
     kernels_of,
@@ -56,11 +60,6 @@ from ort_linear_kernels import (  # same folder: shared measurement helpers
     rel_err,
     time_paired,
 )
-
-from lowbit.backends.ort import nbits, qlinear
-from lowbit.backends.ort.qlinear import NodeBuilder
-from lowbit.compiler.costs import cpu_model
-from lowbit.passes.quantize_weights import QuantizedWeight, _storage, quantize_weight
 
 FLOAT = ir.DataType.FLOAT
 SHAPES = [(576, 576), (576, 1536), (1536, 576)]

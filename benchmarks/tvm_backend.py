@@ -95,7 +95,7 @@ def compile_both(fp32: Path, adapter, recipe: str, out: Path, reuse: bool = Fals
 
 def _compare(ref_run, got_run, feeds: list[dict[str, np.ndarray]]) -> dict[str, float]:
     """Top-1 agreement, KL(ref || got) and the largest relative logit difference over ``feeds``."""
-    from lowbit.compiler.evaluate import log_softmax
+    from lowbit.compiler.core.evaluate import log_softmax
 
     agree, kls, diffs = [], [], []
     for feed in feeds:
@@ -139,7 +139,7 @@ def backend_agreement(ort_dir: Path, tvm_dir: Path, feeds: list[dict[str, np.nda
     layers, so two correct runtimes whose fp32 arithmetic differs in the last bits agree no
     better than this floor."""
     from lowbit.backends.tvm.runtime import TVMModel
-    from lowbit.compiler.ortsession import make_session
+    from lowbit.compiler.core.ortsession import make_session
 
     ort_s, tvm_m = make_session(ort_dir / "model.onnx", THREADS), TVMModel(tvm_dir)
 
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from lowbit.backends.tvm.runtime import Session, TVMModel
-    from lowbit.compiler.ortsession import make_session
+    from lowbit.compiler.core.ortsession import make_session
 
     work = args.out / "tvm_backend"
     r: dict[str, Any] = {"model": args.model, "date": datetime.date.today().isoformat(), "machine": machine_info(),
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"exporting {args.model}")
     fp32, adapter, export_s = export_fp32(args.model, work / "fp32")
     r["export_seconds"] = round(export_s, 1)
-    from lowbit.compiler.data import split_text
+    from lowbit.compiler.core.data import split_text
 
     split = split_text(adapter.tokenizer, calib_data=None, eval_data=None, calib_samples=32, eval_samples=8, seq_len=128)
     windows = [adapter.make_inputs([w]) for w in split.evaluation]  # the compiles' own held-out windows

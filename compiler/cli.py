@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from lowbit.compiler.errors import LowbitError
+from lowbit.compiler.core.errors import LowbitError
 
 
 def _percent(text: str) -> float:
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if not args.verbose:
         _quiet_third_parties(progress_bars=not args.quiet)
-    from lowbit.compiler.progress import set_quiet
+    from lowbit.compiler.core.progress import set_quiet
 
     set_quiet(args.quiet)
     try:
@@ -210,8 +210,8 @@ def _mixed_settings(args) -> dict[str, Any]:
              "max_ppl_increase": args.max_ppl_increase, "plan_file": args.plan}
     given = {k: v for k, v in flags.items() if v is not None}
     if given:
-        from lowbit.compiler.errors import InputError
-        from lowbit.compiler.recipe import load_recipe
+        from lowbit.compiler.core.errors import InputError
+        from lowbit.compiler.core.recipe import load_recipe
 
         if not any(p.name == "plan-mixed" for p in load_recipe(args.recipe).passes):
             names = ", ".join("--" + ("plan" if k == "plan_file" else k.replace("_", "-")) for k in given)
@@ -230,7 +230,7 @@ def _backend_options(args) -> dict[str, Any]:
 
 
 def cmd_run(args) -> int:
-    from lowbit.compiler.artifact import load_manifest
+    from lowbit.compiler.core.artifact import load_manifest
 
     if load_manifest(args.artifact).get("backend") == "tvm":
         from lowbit.backends.tvm.runtime import Artifact
@@ -252,7 +252,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from lowbit.compiler.artifact import load_manifest
+    from lowbit.compiler.core.artifact import load_manifest
     from lowbit.compiler.inspect import render
 
     manifest = load_manifest(args.artifact)
@@ -315,10 +315,9 @@ def cmd_report(args) -> int:
 
 
 def cmd_passes(args) -> int:
+    from lowbit.compiler.core.registry import all_passes, pass_options
     from rich.console import Console
     from rich.table import Table
-
-    from lowbit.compiler.registry import all_passes, pass_options
 
     table = Table(title="lowbit passes", show_lines=True)
     for col in ("name", "class", "what it does", "options"):

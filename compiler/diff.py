@@ -32,10 +32,9 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-
-from lowbit.compiler.errors import InputError
-from lowbit.compiler.passbase import DEBUG_KEY, PASS_KEY
-from lowbit.compiler.plan import PLAN_KEY
+from lowbit.compiler.core.errors import InputError
+from lowbit.compiler.core.passbase import DEBUG_KEY, PASS_KEY
+from lowbit.compiler.core.plan import PLAN_KEY
 
 _STAGE = re.compile(r"^(\d{3})_(.+)\.onnx$")
 

@@ -24,18 +24,17 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-
-from lowbit.compiler import evaluate
-from lowbit.compiler.artifact import MODEL, ArtifactWriter
-from lowbit.compiler.data import CALIB_FRACTION, split_text
-from lowbit.compiler.errors import AccuracyError, InputError
+from lowbit.compiler.core import evaluate
+from lowbit.compiler.core.artifact import MODEL, ArtifactWriter
+from lowbit.compiler.core.data import CALIB_FRACTION, split_text
+from lowbit.compiler.core.errors import AccuracyError, InputError
+from lowbit.compiler.core.ortsession import make_session
+from lowbit.compiler.core.passbase import CompileContext, assign_debug_ids
+from lowbit.compiler.core.pipeline import DumpIR, PassLog, Verify, run_pipeline
+from lowbit.compiler.core.plan import read_plan
+from lowbit.compiler.core.recipe import load_recipe
+from lowbit.compiler.core.tokenizers import save_tokenizer
 from lowbit.compiler.frontend import load_source
-from lowbit.compiler.ortsession import make_session
-from lowbit.compiler.passbase import CompileContext, assign_debug_ids
-from lowbit.compiler.pipeline import DumpIR, PassLog, Verify, run_pipeline
-from lowbit.compiler.plan import read_plan
-from lowbit.compiler.recipe import load_recipe
-from lowbit.models.tokenizers import save_tokenizer
 
 logger = logging.getLogger("lowbit")
 GENERATE_TOKENS = 32

@@ -64,17 +64,22 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-
-from lowbit.compiler.artifact import MODEL, load_manifest
-from lowbit.compiler.calibration import TensorObserver
-from lowbit.compiler.errors import InputError
-from lowbit.compiler.evaluate import cosine, log_softmax
-from lowbit.compiler.irutil import add_initializer
-from lowbit.compiler.ortsession import make_session, session_for
-from lowbit.compiler.passbase import DEBUG_KEY, LAYER_KEY, CompileContext, assign_debug_ids
-from lowbit.compiler.pipeline import Instrument, pass_name, run_pipeline
-from lowbit.compiler.plan import PRECISIONS, read_plan, write_plan
-from lowbit.compiler.progress import progress as progress_bar
+from lowbit.compiler.core.artifact import MODEL, load_manifest
+from lowbit.compiler.core.calibration import TensorObserver
+from lowbit.compiler.core.data import batched
+from lowbit.compiler.core.errors import InputError
+from lowbit.compiler.core.evaluate import cosine, log_softmax
+from lowbit.compiler.core.irutil import add_initializer
+from lowbit.compiler.core.ortsession import make_session, session_for
+from lowbit.compiler.core.passbase import (
+    DEBUG_KEY,
+    LAYER_KEY,
+    CompileContext,
+    assign_debug_ids,
+)
+from lowbit.compiler.core.pipeline import Instrument, pass_name, run_pipeline
+from lowbit.compiler.core.plan import PRECISIONS, read_plan, write_plan
+from lowbit.compiler.core.progress import progress as progress_bar
 from lowbit.passes.recognize import find_linears
 
 EXPLAIN_FILE = "explain.json"
@@ -142,7 +147,7 @@ def reproduction_args(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def _recipe_from_manifest(manifest: dict[str, Any]):
-    from lowbit.compiler.recipe import parse_recipe
+    from lowbit.compiler.core.recipe import parse_recipe
 
     resolved = dict(manifest["recipe"])
     source = resolved.pop("source", "")
@@ -189,27 +194,6 @@ def _save(model: ir.Model, folder: Path, stem: str) -> Path:
     path = folder / f"{stem}.onnx"
     ir.save(model, path, external_data=f"{stem}.onnx.data", size_threshold_bytes=1024)
     return path
-
-
-def batched(feeds: Sequence[dict[str, np.ndarray]], max_tokens: int) -> list[dict[str, np.ndarray]]:
-    """Consecutive feeds of equal shapes stacked along the batch axis, at most ``max_tokens`` per batch.
-
-    Fewer, larger runs: every sample of a compile's evaluation has the same
-    length, and per-token or per-tensor quantization does not mix samples.
-    """
-    out: list[list[dict[str, np.ndarray]]] = []
-    for f in feeds:
-        tokens = max((a.size for a in f.values()), default=1)
-        cur = out[-1] if out else None
-        if (
-            cur is not None
-            and (len(cur) + 1) * tokens <= max_tokens
-            and all(k in f and np.asarray(f[k]).shape == np.asarray(v).shape for k, v in cur[0].items())
-        ):
-            cur.append(f)
-        else:
-            out.append([f])
-    return [{k: np.concatenate([np.asarray(f[k]) for f in group]) for k in group[0]} for group in out]
 
 
 def _by_debug_id(graph: ir.Graph) -> dict[str, ir.Node]:

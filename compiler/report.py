@@ -31,9 +31,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from lowbit.compiler.artifact import load_manifest
+from lowbit.compiler.core.artifact import load_manifest
+from lowbit.compiler.core.plan import PRECISIONS
 from lowbit.compiler.inspect import layer_rows
-from lowbit.compiler.plan import PRECISIONS
 
 REPORT_FILE = "report.html"
 _COLORS = {"fp32": "#7f7f7f", "fp16": "#9467bd", "w8a8": "#1f77b4", "w8a16": "#2ca02c", "w4a16": "#ff7f0e", "w4a8": "#d62728"}

@@ -5,7 +5,7 @@ from an adapter: which torch module to export and with which input/output
 names and dynamic axes, how to turn token ids into model inputs (padding and
 masks for encoders, special tokens), a tokenizer, and the names of the
 transformer blocks. Families (`llama.py`, `bert.py`) subclass `ModelAdapter`;
-`adapter_for_module` wraps any other `nn.Module` as a "generic" model.
+`lowbit.models.adapter_for_module` wraps any other `nn.Module` as a "generic" model.
 
 Module names. Export wrappers (`CausalLMLogits`, `MeanPooledEmbedding`)
 register the Hugging Face model's *children* as their own and keep the HF model
@@ -21,10 +21,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+from lowbit.compiler.core.errors import InputError
+from lowbit.compiler.core.tokenizers import Tokenizer
 from torch import nn
-
-from lowbit.compiler.errors import InputError
-from lowbit.models.tokenizers import Tokenizer
 
 # A few sentences of plain English, only to give sample inputs real token
 # statistics (not calibration or evaluation data).
@@ -245,54 +244,4 @@ def _count_outputs(out: Any) -> int:
         return len(out)
     raise InputError(
         f"module returns {type(out).__name__}; wrap it so that forward returns a tensor or a tuple of tensors"
-    )
-
-
-def adapter_for_module(
-    module: nn.Module,
-    example_inputs: dict[str, Any] | tuple | list | None = None,
-    *,
-    input_names: Sequence[str] | None = None,
-    output_names: Sequence[str] | None = None,
-    dynamic_shapes: dict[str, dict[int, str]] | None = None,
-    tokenizer: Tokenizer | None = None,
-    name: str | None = None,
-) -> ModelAdapter:
-    """Adapter for an in-memory module.
-
-    A `transformers` Llama causal LM or BERT encoder gets its family adapter
-    (example inputs are then optional). Anything else becomes a
-    `GenericAdapter` (task "generic") exported with `example_inputs` — a dict
-    name -> tensor/array, or a tuple (names "input_0", ...). Outputs are named
-    "output" / "output_0", ... unless `output_names` says otherwise.
-    """
-    from lowbit.models import bert, llama  # the family modules import this one
-
-    model_type = getattr(getattr(module, "config", None), "model_type", None)
-    if model_type in llama.MODEL_TYPES and hasattr(module, "lm_head"):
-        return llama.LlamaAdapter(module, name=name or model_type, tokenizer=tokenizer)
-    if model_type in bert.MODEL_TYPES and not hasattr(module, "lm_head"):
-        return bert.BertAdapter(module, name=name or model_type, tokenizer=tokenizer)
-    if example_inputs is None:
-        raise InputError(f"{type(module).__name__}: a module of unknown family needs example_inputs")
-    if isinstance(example_inputs, dict):
-        names, values = list(example_inputs), list(example_inputs.values())
-    else:
-        values = list(example_inputs)
-        names = list(input_names) if input_names else [f"input_{i}" for i in range(len(values))]
-    if len(names) != len(values):
-        raise InputError(f"{len(names)} input names for {len(values)} example inputs")
-    examples = {n: np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v) for n, v in zip(names, values)}
-    module = module.eval()
-    if output_names is None:
-        with torch.no_grad():
-            n_out = _count_outputs(module(*(torch.as_tensor(v) for v in examples.values())))
-        output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
-    return GenericAdapter(
-        module,
-        example_inputs=examples,
-        dynamic_shapes=dynamic_shapes,
-        name=name or type(module).__name__,
-        output_names=output_names,
-        tokenizer=tokenizer,
     )

@@ -19,10 +19,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
-
-from lowbit.compiler.errors import InputError
+from lowbit.compiler.core.errors import InputError
+from lowbit.compiler.core.tokenizers import HFTokenizer, Tokenizer
 from lowbit.models.base import MeanPooledEmbedding, ModelAdapter, quiet_transformers
-from lowbit.models.tokenizers import HFTokenizer, Tokenizer
 
 MODEL_TYPES = frozenset({"bert"})
 

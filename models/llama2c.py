@@ -33,9 +33,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from lowbit.compiler.errors import InputError
-from lowbit.models.tokenizers import Llama2cTokenizer, SentencePieceTokenizer, Tokenizer
+from lowbit.compiler.core.errors import InputError
+from lowbit.compiler.core.tokenizers import (
+    Llama2cTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+)
 
 MAGIC = 0x616B3432
 V1_HEADER_BYTES = 256

@@ -10,14 +10,11 @@ statistics: the planner (outlier ratios), static activation quantization
 from __future__ import annotations
 
 import onnx_ir as ir
-
-from lowbit.compiler.calibration import observe
-from lowbit.compiler.passbase import LowbitPass
-from lowbit.compiler.registry import register_pass
+from lowbit.compiler.core.calibration import observe
+from lowbit.compiler.core.passbase import LowbitPass
 from lowbit.passes.recognize import find_linears
 
 
-@register_pass
 class CalibratePass(LowbitPass):
     """Collect activation statistics of linear inputs (analysis only).
 

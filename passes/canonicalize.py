@@ -17,11 +17,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import onnxscript.optimizer
+from lowbit.compiler.core.irutil import add_initializer, replace_value
+from lowbit.compiler.core.passbase import LowbitPass, carry_debug_id
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
-
-from lowbit.compiler.irutil import add_initializer, replace_value
-from lowbit.compiler.passbase import LowbitPass, carry_debug_id
-from lowbit.compiler.registry import register_pass
 
 
 def _attr(node: ir.Node, name: str, default):
@@ -29,7 +27,6 @@ def _attr(node: ir.Node, name: str, default):
     return default if attr is None else attr.value
 
 
-@register_pass
 class CanonicalizePass(LowbitPass):
     """Rewrite Gemm/transposed weights to ``MatMul(x, W[K, N])``, fold constants.
 

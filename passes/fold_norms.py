@@ -31,10 +31,8 @@ import dataclasses
 
 import numpy as np
 import onnx_ir as ir
-
-from lowbit.compiler.irutil import add_initializer, replace_value
-from lowbit.compiler.passbase import LowbitPass, carry_debug_id
-from lowbit.compiler.registry import register_pass
+from lowbit.compiler.core.irutil import add_initializer, replace_value
+from lowbit.compiler.core.passbase import LowbitPass, carry_debug_id
 from lowbit.passes.recognize import Norm, constant_weight, find_norms, layer_name
 
 _FUSED_NORMS = ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization")
@@ -255,7 +253,6 @@ def fold_model(model: ir.Model, tag, *, norms: bool = True, scales: bool = True)
     return report
 
 
-@register_pass
 class FoldNormScalesPass(LowbitPass):
     """Fold norm γ/β and per-channel Mul scales into the linears that read them.
 

@@ -20,12 +20,10 @@ import dataclasses
 
 import numpy as np
 import onnx_ir as ir
+from lowbit.compiler.core.irutil import add_initializer, replace_value
+from lowbit.compiler.core.passbase import DEBUG_KEY, LAYER_KEY, LowbitPass
+from lowbit.compiler.core.plan import read_plan
 from onnx_ir.passes.common import RemoveUnusedNodesPass
-
-from lowbit.compiler.irutil import add_initializer, replace_value
-from lowbit.compiler.passbase import DEBUG_KEY, LAYER_KEY, LowbitPass
-from lowbit.compiler.plan import read_plan
-from lowbit.compiler.registry import register_pass
 
 #: on the Split node: the debug ids of the MatMuls its outputs stand for, in output order
 DEBUG_IDS_KEY = "lowbit.debug_ids"
@@ -68,7 +66,6 @@ def _dq_weight(node: ir.Node) -> _Weight | None:
     return None
 
 
-@register_pass
 class FuseSharedInputLinearsPass(LowbitPass):
     """Merge quantized linears (per channel, or in blocks of input features) that share an input and a plan.
 

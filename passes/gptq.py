@@ -45,10 +45,9 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 import scipy.linalg
-
-from lowbit.compiler.errors import CalibrationError
-from lowbit.compiler.ortsession import session_for
-from lowbit.compiler.progress import progress
+from lowbit.compiler.core.errors import CalibrationError
+from lowbit.compiler.core.ortsession import session_for
+from lowbit.compiler.core.progress import progress
 
 FitFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 QuantizeFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]

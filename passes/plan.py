@@ -15,15 +15,12 @@ import dataclasses
 import fnmatch
 
 import onnx_ir as ir
-
-from lowbit.compiler.errors import InputError
-from lowbit.compiler.passbase import LowbitPass
-from lowbit.compiler.plan import LayerPlan, Plan, read_plan, write_plan
-from lowbit.compiler.registry import register_pass
+from lowbit.compiler.core.errors import InputError
+from lowbit.compiler.core.passbase import LowbitPass
+from lowbit.compiler.core.plan import LayerPlan, Plan, read_plan, write_plan
 from lowbit.passes.recognize import find_linears, is_output_linear
 
 
-@register_pass
 class PlanUniformPass(LowbitPass):
     """Write a plan giving every linear the same precision (metadata only).
 

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from lowbit.compiler.core.irutil import add_initializer, replace_value
+from lowbit.compiler.core.passbase import LowbitPass, carry_debug_id
 from onnx_ir.passes.common import RemoveUnusedNodesPass
-
-from lowbit.compiler.irutil import add_initializer, replace_value
-from lowbit.compiler.passbase import LowbitPass, carry_debug_id
-from lowbit.compiler.registry import register_pass
 
 
 def quantize_rows(table: np.ndarray, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -31,7 +29,6 @@ def quantize_rows(table: np.ndarray, bits: int = 8) -> tuple[np.ndarray, np.ndar
     return codes, scale
 
 
-@register_pass
 class QuantizeEmbeddingsPass(LowbitPass):
     """Store Gather-ed embedding tables as int8 with per-row scales.
 

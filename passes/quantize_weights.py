@@ -50,13 +50,12 @@ import dataclasses
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
-
-from lowbit.compiler.errors import CalibrationError, InputError
-from lowbit.compiler.irutil import add_initializer
-from lowbit.compiler.passbase import LowbitPass
-from lowbit.compiler.plan import LayerPlan, read_plan
-from lowbit.compiler.progress import progress
-from lowbit.compiler.registry import register_pass
+from lowbit.compiler.core.errors import CalibrationError, InputError
+from lowbit.compiler.core.irutil import add_initializer
+from lowbit.compiler.core.passbase import LowbitPass
+from lowbit.compiler.core.plan import LayerPlan, read_plan
+from lowbit.compiler.core.progress import progress
+from lowbit.compiler.core.quantized import QuantizedWeight
 from lowbit.passes import gptq
 from lowbit.passes.recognize import find_linears
 
@@ -124,35 +123,6 @@ class Grid:
         return scale, zero
 
 
-@dataclasses.dataclass
-class QuantizedWeight:
-    """A quantized ``W[K, N]``: ``W ~ (codes - zero_point[group]) * scale[group]``.
-
-    ``codes``: int8 (symmetric) or uint8 (asymmetric) ``[K, N]`` holding ``bits``-bit
-    values; ``scale``: float32 ``[G, N]`` with ``G = ceil(K / group_size)`` (1 per
-    channel); ``zero_point``: uint8 ``[G, N]`` or None (symmetric).
-    """
-
-    codes: np.ndarray
-    scale: np.ndarray
-    zero_point: np.ndarray | None
-    bits: int
-    group_size: int | None
-
-    @property
-    def block(self) -> int:
-        """Rows per scale: ``group_size``, or K per channel."""
-        return self.group_size or self.codes.shape[0]
-
-    def expand(self, a: np.ndarray) -> np.ndarray:
-        """Per-group ``[G, N]`` -> per-element ``[K, N]``."""
-        return np.repeat(a, self.block, axis=0)[: self.codes.shape[0]]
-
-    def dequantize(self) -> np.ndarray:
-        zero = 0.0 if self.zero_point is None else self.expand(self.zero_point.astype(np.float32))
-        return ((self.codes.astype(np.float32) - zero) * self.expand(self.scale)).astype(np.float32)
-
-
 def group_view(w: np.ndarray, group_size: int | None) -> np.ndarray:
     """``w[K, N]`` -> ``[G, g, N]``, the last group padded with zero rows (exact on every grid)."""
     k, n = w.shape
@@ -209,7 +179,6 @@ def activation_qparams(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
     return np.float32(scale), np.uint8(zero_point)
 
 
-@register_pass
 class QuantizeWeightsPass(LowbitPass):
     """Replace planned weights by integer codes + DequantizeLinear; add static activation QDQ.
 

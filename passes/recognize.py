@@ -23,9 +23,7 @@ from collections import defaultdict
 
 import numpy as np
 import onnx_ir as ir
-
-from lowbit.compiler.passbase import LAYER_KEY, LowbitPass
-from lowbit.compiler.registry import register_pass
+from lowbit.compiler.core.passbase import LAYER_KEY, LowbitPass
 
 ROLE_KEY = "lowbit.role"
 #: role of the MatMuls of an online rotation (``rotate``): constant right operands, but not layers
@@ -222,7 +220,25 @@ def _with_gamma(last: ir.Node, nodes: list[ir.Node]) -> Norm:
     return Norm("rmsnorm", layer_name(nodes[-1]), out, gamma, None, nodes)
 
 
-@register_pass
+@dataclasses.dataclass
+class Writer:
+    """A linear whose output (plus an optional constant bias) is added to the stream."""
+
+    linear: ir.Node
+    bias: tuple[ir.Node, int] | None  # (bias Add, index of the bias input)
+
+
+@dataclasses.dataclass
+class ResidualStream:
+    width: int
+    values: list[ir.Value]
+    embeddings: list[ir.Node]  # Gathers whose table rows enter the stream
+    norms: list[Norm]
+    readers: list[ir.Node]  # linears reading a norm of the stream
+    writers: list[Writer]
+
+
+
 class RecognizeStructuresPass(LowbitPass):
     """Tag linears and norms with their layer name and role (metadata only).
 

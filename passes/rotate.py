@@ -65,13 +65,25 @@ import math
 
 import numpy as np
 import onnx_ir as ir
-
-from lowbit.compiler.errors import InputError, LowbitError
-from lowbit.compiler.irutil import add_initializer
-from lowbit.compiler.passbase import LowbitPass
-from lowbit.compiler.registry import register_pass
-from lowbit.passes.fold_norms import fold_model, is_linear, linear_readers, set_constant_input
-from lowbit.passes.recognize import ONLINE_HADAMARD, ROLE_KEY, Norm, find_norms, layer_name
+from lowbit.compiler.core.errors import InputError, LowbitError
+from lowbit.compiler.core.irutil import add_initializer
+from lowbit.compiler.core.passbase import LowbitPass
+from lowbit.passes.fold_norms import (
+    fold_model,
+    is_linear,
+    linear_readers,
+    set_constant_input,
+)
+from lowbit.passes.recognize import (
+    ONLINE_HADAMARD,
+    ROLE_KEY,
+    Norm,
+    ResidualStream,
+    Writer,
+    find_norms,
+    layer_name,
+)
+from lowbit.passes.rotation_learning import learn_incoherent_rotation, learn_rotation
 
 _FUSED_RMS = ("SimplifiedLayerNormalization", "RMSNormalization")
 # ops that move a value-path tensor around without mixing channels of a head
@@ -172,24 +184,6 @@ def online_factors(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
 
 
 # ----------------------------------------------------------------- analysis
-
-
-@dataclasses.dataclass
-class Writer:
-    """A linear whose output (plus an optional constant bias) is added to the stream."""
-
-    linear: ir.Node
-    bias: tuple[ir.Node, int] | None  # (bias Add, index of the bias input)
-
-
-@dataclasses.dataclass
-class ResidualStream:
-    width: int
-    values: list[ir.Value]
-    embeddings: list[ir.Node]  # Gathers whose table rows enter the stream
-    norms: list[Norm]
-    readers: list[ir.Node]  # linears reading a norm of the stream
-    writers: list[Writer]
 
 
 @dataclasses.dataclass
@@ -519,7 +513,6 @@ def mlp_output_linears(stream: ResidualStream) -> list[ir.Node]:
 # ----------------------------------------------------------------- the pass
 
 
-@register_pass
 class RotateResidualStreamPass(LowbitPass):
     """Rotate the residual stream by a randomized Hadamard (or learned) ``Q`` folded into the weights.
 
@@ -664,8 +657,6 @@ class RotateResidualStreamPass(LowbitPass):
 
     def _learn(self, graph: ir.Graph, stream: ResidualStream, start: Rotation) -> tuple[Rotation, dict]:
         """The rotation that :mod:`rotation_learning` keeps for ``learn_objective``, and its notes."""
-        from lowbit.passes.rotation_learning import learn_incoherent_rotation, learn_rotation
-
         if self.learn_objective == "incoherence":
             q, notes = learn_incoherent_rotation(
                 graph, stream, start.dense(), steps=self.learn_steps, lr=self.learn_lr, seed=self.seed,

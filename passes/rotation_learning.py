@@ -23,7 +23,7 @@ two objectives:
   model's output distribution and that of the model with every linear that
   reads or writes the residual stream fake-quantized (round-to-nearest on the
   recipe's grid, straight-through gradients), over random calibration
-  windows. The graph runs in torch (``lowbit.compiler.torch_graph``), so any
+  windows. The graph runs in torch (``lowbit.compiler.core.torch_graph``), so any
   graph the ``rotate`` pass accepts can be learned on. It learns against
   round-to-nearest, which GPTQ does not follow closely: on SmolLM2 it varied
   from +5.8% to +7.7% between compiles, at ten minutes each.
@@ -37,18 +37,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 import torch
-from lowbit.compiler.progress import progress
-from lowbit.compiler.torch_graph import check_supported, graph_params, run_graph
+from lowbit.compiler.core.progress import progress
+from lowbit.compiler.core.torch_graph import check_supported, graph_params, run_graph
 from lowbit.passes.fold_norms import set_constant_input
 from lowbit.passes.quantize_weights import Grid
-
-if TYPE_CHECKING:
-    from lowbit.passes.rotate import ResidualStream
+from lowbit.passes.recognize import ResidualStream
 
 
 class _RoundToGrid(torch.autograd.Function):

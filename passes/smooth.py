@@ -48,16 +48,20 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
-
-from lowbit.compiler.calibration import observe
-from lowbit.compiler.errors import InputError
-from lowbit.compiler.irutil import add_initializer
-from lowbit.compiler.ortsession import session_for
-from lowbit.compiler.passbase import LowbitPass
-from lowbit.compiler.progress import progress
-from lowbit.compiler.registry import register_pass
+from lowbit.compiler.core.calibration import observe
+from lowbit.compiler.core.errors import InputError
+from lowbit.compiler.core.irutil import add_initializer
+from lowbit.compiler.core.ortsession import session_for
+from lowbit.compiler.core.passbase import LowbitPass
+from lowbit.compiler.core.progress import progress
 from lowbit.passes.quantize_weights import quantize_per_channel
-from lowbit.passes.recognize import Linear, Norm, find_linears, find_norms, linear_groups
+from lowbit.passes.recognize import (
+    Linear,
+    Norm,
+    find_linears,
+    find_norms,
+    linear_groups,
+)
 
 SCALE_RANGE = (1e-5, 1e5)
 COARSE_GRID = tuple(round(0.1 * i, 1) for i in range(10))  # 0.0 .. 0.9, then +-0.05 around the best
@@ -413,7 +417,6 @@ class _Group:
         return self.linears[0].x
 
 
-@register_pass
 class SmoothActivationsPass(LowbitPass):
     """SmoothQuant: divide linear inputs by per-channel scales folded upstream, multiply weight rows.
 

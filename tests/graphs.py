@@ -71,7 +71,7 @@ def gemm(transB: int = 1, seed: int = 0) -> ir.Model:
 
 
 def run(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    from lowbit.compiler.ortsession import session_for
+    from lowbit.compiler.core.ortsession import session_for
 
     return session_for(model).run(None, feeds)
 

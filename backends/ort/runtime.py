@@ -10,11 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
-from lowbit.compiler.artifact import MODEL, load_manifest
-from lowbit.compiler.errors import InputError
-from lowbit.compiler.evaluate import greedy
-from lowbit.compiler.ortsession import make_session
+from lowbit.compiler.core.artifact import MODEL, load_manifest
+from lowbit.compiler.core.errors import InputError
+from lowbit.compiler.core.evaluate import greedy
+from lowbit.compiler.core.ortsession import make_session
 
 
 class Artifact:
@@ -33,7 +32,7 @@ class Artifact:
         if self._tokenizer is None:
             if not self.manifest.get("tokenizer"):
                 raise InputError(f"{self.folder} has no tokenizer; run it with --inputs FILE.npz instead")
-            from lowbit.models.tokenizers import load_tokenizer
+            from lowbit.compiler.core.tokenizers import load_tokenizer
 
             self._tokenizer = load_tokenizer(self.folder / "tokenizer")
         return self._tokenizer

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
-
-from lowbit.compiler.errors import InputError
+from lowbit.compiler.core.errors import InputError
 
 logger = logging.getLogger("lowbit")
 #: lower-ort options that lower-tvm also has (same meaning)
@@ -28,7 +27,7 @@ _SHARED_OPTIONS = ("token_zero_point",)
 
 def prepare_recipe(recipe) -> None:
     """Replace the recipe's ``lower-ort`` pass by ``lower-tvm`` (in place); error if it lowers nothing."""
-    from lowbit.compiler.recipe import PassSpec
+    from lowbit.compiler.core.recipe import PassSpec
 
     names = [p.name for p in recipe.passes]
     if "lower-tvm" in names:

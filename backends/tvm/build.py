@@ -48,12 +48,12 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 import tvm
+from lowbit.backends.tvm import kernels, mma, targets
+from lowbit.backends.tvm.relax_import import to_relax, unify_symbolic_vars
+from lowbit.backends.tvm.schedule import default_schedule, dlight_rules  # noqa: F401 - build.default_schedule is public
+from lowbit.compiler.core.errors import InputError
 from tvm import relax, tirx
 from tvm.relax.dpl import GlobalVarPattern, TuplePattern, is_op, wildcard
-
-from lowbit.backends.tvm import cpu, kernels, mma, targets
-from lowbit.backends.tvm.relax_import import to_relax, unify_symbolic_vars
-from lowbit.compiler.errors import InputError
 
 logger = logging.getLogger("lowbit")
 LIB = "lib.so"
@@ -162,15 +162,6 @@ def _check_lowering(func: tirx.PrimFunc, target: tvm.target.Target) -> None:
 INT8_KERNELS: dict[str, list[str]] = {"mma": [], "dp4a": []}
 
 
-def dlight_rules(target: tvm.target.Target) -> list:
-    from tvm.s_tir import dlight as dl
-
-    if target.kind.name == "cuda":
-        return [dl.gpu.LowBatchGEMV(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
-    return [dl.cpu.GEMV(), dl.cpu.Reduction()]
-
-
 def fusion_passes() -> list:
     """Relax -> fused TIR, before any scheduling."""
     return [
@@ -205,20 +196,6 @@ def relax_pipeline(target: tvm.target.Target, *, tuned: tvm.transform.Pass | Non
             return tvm.transform.Sequential(passes)(mod)
 
     return _pipeline
-
-
-def default_schedule(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
-    """One PrimFunc as the build schedules it without a tuning record: on LLVM an int8 GEMM
-    gets :func:`lowbit.backends.tvm.cpu.schedule_int8_gemm`, everything else dlight's rules
-    (call under ``with target``)."""
-    from tvm.s_tir import dlight as dl
-
-    if target.kind.name == "llvm":
-        scheduled = cpu.schedule_int8_gemm(func)
-        if scheduled is not None:
-            return scheduled
-    gv = tvm.ir.GlobalVar("main")
-    return dl.ApplyDefaultSchedule(*dlight_rules(target))(tvm.IRModule({gv: func}))[gv]
 
 
 def _default_schedule(target: tvm.target.Target) -> tvm.transform.Pass:
@@ -319,7 +296,7 @@ def build(
     if tgt.kind.name == "cuda":
         from lowbit.backends.tvm import cuda
 
-        info["cuda"] = cuda.export(ex, tgt, out)
+        info["cuda"] = cuda.export(ex, tgt, out, LIB)
         files += info["cuda"]["files"]
     else:
         ex.export_library(str(out / LIB))

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from lowbit.compiler.errors import InputError
+from lowbit.compiler.core.errors import InputError
 
 SOURCE = "kernels.cu"
 _STUB_SYMBOLS = (  # the driver entry points libtvm_runtime_cuda.so imports
@@ -127,10 +127,9 @@ def cuda_source(ex) -> str:
     raise InputError("the compiled module has no CUDA device code")
 
 
-def export(ex, target, out: Path) -> dict[str, Any]:
-    """Write ``lib.so`` (host code + fatbin) and ``kernels.cu``; facts about the device code for the manifest."""
-    from lowbit.backends.tvm.build import LIB
-
+def export(ex, target, out: Path, lib_name: str) -> dict[str, Any]:
+    """Write ``lib_name`` (host code + fatbin) and ``kernels.cu``; facts about the device code for the manifest."""
+    LIB = lib_name
     src = cuda_source(ex)
     ex.export_library(str(out / LIB))
     (out / SOURCE).write_text(src)

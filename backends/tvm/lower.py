@@ -19,7 +19,7 @@ planned layer (see :mod:`lowbit.backends.tvm.ops` for the operators' exact meani
 Everything else (norms, attention, rotary embedding, the quantized embedding lookup) is
 standard ONNX and stays; ``relax_import`` hands it to TVM's ONNX importer. A planned
 layer the TVM kernels cannot run (W4A8, int8 activations with group-wise or asymmetric
-weights) is an :class:`~lowbit.compiler.errors.InputError` naming the layer, rather
+weights) is an :class:`~lowbit.compiler.core.errors.InputError` naming the layer, rather
 than a silently float layer. The backend only lowers: precision and modes come from
 the plan; the pass is numpy only and needs no TVM.
 """
@@ -28,16 +28,18 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass
-
-from lowbit.backends.ort.lower import planned_linears, record_kernel, static_activation
 from lowbit.backends.tvm import ops
-from lowbit.compiler.errors import InputError
-from lowbit.compiler.irutil import add_initializer, replace_value
-from lowbit.compiler.passbase import LowbitPass, carry_debug_id
-from lowbit.compiler.plan import read_plan
-from lowbit.compiler.registry import register_pass
-from lowbit.passes.quantize_weights import QuantizedWeight
+from lowbit.compiler.core.errors import InputError
+from lowbit.compiler.core.irutil import add_initializer, replace_value
+from lowbit.compiler.core.passbase import LowbitPass, carry_debug_id
+from lowbit.compiler.core.plan import read_plan
+from lowbit.compiler.core.quantized import (
+    QuantizedWeight,
+    planned_linears,
+    record_kernel,
+    static_activation,
+)
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 
 def is_lowered(model: ir.Model) -> bool:
@@ -45,7 +47,6 @@ def is_lowered(model: ir.Model) -> bool:
     return any(n.domain == ops.DOMAIN for n in model.graph)
 
 
-@register_pass
 class LowerToTVMPass(LowbitPass):
     """Rewrite planned quantized linears into the ``lowbit.tvm`` operators TVM compiles.
 

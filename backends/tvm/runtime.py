@@ -49,7 +49,7 @@ _IO = namedtuple("_IO", "name shape type")
 
 def _error(message: str) -> Exception:
     """lowbit's InputError (imported only on the error path: the happy path never loads the compiler)."""
-    from lowbit.compiler.errors import InputError
+    from lowbit.compiler.core.errors import InputError
 
     return InputError(message)
 
@@ -155,7 +155,7 @@ class Artifact:
         if self._tokenizer is None:
             if not self.manifest.get("tokenizer"):
                 raise _error(f"{self.folder} has no tokenizer; run it with --inputs FILE.npz instead")
-            from lowbit.models.tokenizers import load_tokenizer
+            from lowbit.compiler.core.tokenizers import load_tokenizer
 
             self._tokenizer = load_tokenizer(self.folder / "tokenizer")
         return self._tokenizer

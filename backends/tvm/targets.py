@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import tvm
-
-from lowbit.compiler.errors import InputError
+from lowbit.compiler.core.errors import InputError
 
 TARGETS = ("llvm", "cuda")
 CUDA_ARCHES = ("sm_80", "sm_86", "sm_89", "sm_90")

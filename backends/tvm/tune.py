@@ -38,9 +38,9 @@ from typing import Any
 
 import numpy as np
 import tvm
+from lowbit.backends.tvm.schedule import default_schedule as build_default
+from lowbit.compiler.core.errors import InputError
 from tvm import relax, tirx
-
-from lowbit.compiler.errors import InputError
 
 logger = logging.getLogger("lowbit")
 DEFAULT_SEQ_LENS = (1, 128)
@@ -224,8 +224,6 @@ def kernel_ms(lib, args, dev, rounds: int = 3) -> float:
 
 def default_schedule(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
     """``func`` as the build schedules it without a record (``build.default_schedule``)."""
-    from lowbit.backends.tvm.build import default_schedule as build_default
-
     with target:
         return build_default(func, target)
 

@@ -6,12 +6,13 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-
 from lowbit.backends.ort import nbits
-from lowbit.backends.ort.lower import LowerToORTPass, nbits_layout, weight_dequantize
-from lowbit.compiler.ortsession import session_options
+from lowbit.backends.ort.lower import LowerToORTPass, nbits_layout
+from lowbit.compiler.core.ortsession import session_options
+from lowbit.compiler.core.quantized import QuantizedWeight, weight_dequantize
 from lowbit.passes.plan import PlanUniformPass
-from lowbit.passes.quantize_weights import QuantizedWeight, QuantizeWeightsPass, quantize_weight
+from lowbit.passes.quantize_weights import QuantizeWeightsPass, quantize_weight
+
 from tests.graphs import mlp, ops
 
 SHAPE = {"k": 64, "hidden": 96, "n": 32}  # "down" has K = 96: 3 groups of 32, per-channel blocks of 32

@@ -19,10 +19,11 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 from lowbit.backends.tvm.runtime import Artifact, TVMModel  # noqa: E402
-from lowbit.compiler.artifact import verify_files  # noqa: E402
 from lowbit.compiler.cli import main  # noqa: E402
-from lowbit.compiler.evaluate import log_softmax  # noqa: E402
-from lowbit.compiler.ortsession import make_session  # noqa: E402
+from lowbit.compiler.core.artifact import verify_files  # noqa: E402
+from lowbit.compiler.core.evaluate import log_softmax  # noqa: E402
+from lowbit.compiler.core.ortsession import make_session  # noqa: E402
+
 from tests.backends.tvm_support import exported_once  # noqa: E402
 
 LILY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
@@ -56,7 +57,7 @@ def compiled(shared_dir, tmp_path_factory):
 
 def windows(folder, shared_dir, count=8, length=128):
     """Held-out token windows (BOS + text from the last fifth of tinystories)."""
-    from lowbit.models.tokenizers import load_tokenizer
+    from lowbit.compiler.core.tokenizers import load_tokenizer
 
     tok = load_tokenizer(folder / "tokenizer")
     text = (shared_dir.parent / "data" / "tinystories.txt").read_text()

@@ -12,12 +12,11 @@ import json
 import numpy as np
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-
 from lowbit.backends.tvm.lower import LowerToTVMPass
-from lowbit.compiler.errors import InputError
+from lowbit.compiler.core.errors import InputError
 from lowbit.passes.plan import PlanUniformPass
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
+from onnx import TensorProto, helper, numpy_helper
 
 tvm = pytest.importorskip("tvm")
 

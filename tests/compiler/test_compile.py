@@ -9,11 +9,11 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from lowbit.compiler.cli import main
+from lowbit.compiler.core.artifact import verify_files
+from lowbit.compiler.core.evaluate import greedy
 
 import lowbit
-from lowbit.compiler.artifact import verify_files
-from lowbit.compiler.cli import main
-from lowbit.compiler.evaluate import greedy
 from tests.compiler.test_registry import install_entry_point
 from tests.graphs import mlp
 
@@ -70,7 +70,7 @@ def test_plain_onnxruntime_runs_the_artifact(artifact):
     assert len(integer) == 5 * 4 + 1
     # what stays float is attention (activation x activation), never a constant weight
     assert all(n.inputs[1].const_value is None for n in graph if n.op_type == "MatMul")
-    from lowbit.models.tokenizers import load_tokenizer
+    from lowbit.compiler.core.tokenizers import load_tokenizer
 
     tok = load_tokenizer(artifact / "tokenizer")
     assert tok.decode(greedy(session, [1], 24)).startswith(LILY[:60])

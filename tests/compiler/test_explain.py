@@ -10,12 +10,12 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from rich.console import Console
-
 from lowbit.backends.ort.lower import LowerToORTPass
 from lowbit.compiler.cli import main
+from lowbit.compiler.core.errors import InputError
+from lowbit.compiler.core.passbase import DEBUG_KEY, CompileContext, assign_debug_ids
+from lowbit.compiler.core.pipeline import run_pipeline
 from lowbit.compiler.diff import diff_paths
-from lowbit.compiler.errors import InputError
 from lowbit.compiler.explain import (
     MASK_FP32,
     MASK_WO,
@@ -29,12 +29,12 @@ from lowbit.compiler.explain import (
     reproduction_args,
     sqnr_db,
 )
-from lowbit.compiler.passbase import DEBUG_KEY, CompileContext, assign_debug_ids
-from lowbit.compiler.pipeline import run_pipeline
 from lowbit.passes.calibrate import CalibratePass
 from lowbit.passes.plan import PlanUniformPass
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
 from lowbit.passes.recognize import RecognizeStructuresPass
+from rich.console import Console
+
 from tests.compiler.stories_w8a8 import RECIPE, compiled, explained
 from tests.graphs import mlp
 

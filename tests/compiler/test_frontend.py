@@ -5,11 +5,15 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
-from torch import nn
-
-from lowbit.compiler.errors import InputError
-from lowbit.compiler.frontend import export_to_onnx, linear_module_name, load_onnx, load_source
+from lowbit.compiler.core.errors import InputError
+from lowbit.compiler.frontend import (
+    export_to_onnx,
+    linear_module_name,
+    load_onnx,
+    load_source,
+)
 from lowbit.models import load_model
+from torch import nn
 
 
 def ort_session(model: ir.Model, path) -> ort.InferenceSession:

@@ -5,13 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
-from lowbit.compiler.errors import InputError
+from lowbit.compiler.core.errors import InputError
+from lowbit.compiler.core.tokenizers import Llama2cTokenizer
 from lowbit.models import adapter_for_module, load_model
 from lowbit.models.base import GenericAdapter
 from lowbit.models.llama import LlamaAdapter
-from lowbit.models.tokenizers import Llama2cTokenizer
+from torch import nn
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from lowbit.compiler.core.passbase import CompileContext
+from lowbit.compiler.core.pipeline import Verify, run_pipeline
+from lowbit.passes.fold_norms import FoldNormScalesPass
 from onnx import TensorProto, helper, numpy_helper
 
-from lowbit.compiler.passbase import CompileContext
-from lowbit.compiler.pipeline import Verify, run_pipeline
-from lowbit.passes.fold_norms import FoldNormScalesPass
 from tests.graphs import mlp, ops, run
 from tests.passes.real_models import fresh, max_rel_diff, outputs, windows
 

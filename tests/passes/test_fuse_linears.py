@@ -1,11 +1,10 @@
 import numpy as np
-
-from lowbit.compiler.passbase import CompileContext
-from lowbit.compiler.pipeline import Verify, run_pipeline
+from lowbit.compiler.core.passbase import CompileContext, assign_debug_ids
+from lowbit.compiler.core.pipeline import Verify, run_pipeline
 from lowbit.passes.fuse_linears import DEBUG_IDS_KEY, FuseSharedInputLinearsPass
 from lowbit.passes.plan import PlanUniformPass
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
-from lowbit.compiler.passbase import assign_debug_ids
+
 from tests.graphs import mlp, ops, run
 
 X = np.random.default_rng(2).standard_normal((2, 5, 8)).astype(np.float32)

@@ -2,14 +2,19 @@
 
 import numpy as np
 import pytest
-
-from lowbit.compiler.errors import CalibrationError
-from lowbit.compiler.ortsession import session_for
-from lowbit.compiler.passbase import CompileContext
+from lowbit.compiler.core.errors import CalibrationError
+from lowbit.compiler.core.ortsession import session_for
+from lowbit.compiler.core.passbase import CompileContext
 from lowbit.passes import gptq
 from lowbit.passes.plan import PlanUniformPass
-from lowbit.passes.quantize_weights import Grid, QuantizeWeightsPass, _pack, quantize_weight
+from lowbit.passes.quantize_weights import (
+    Grid,
+    QuantizeWeightsPass,
+    _pack,
+    quantize_weight,
+)
 from lowbit.passes.recognize import find_linears
+
 from tests.graphs import mlp
 from tests.passes.real_models import fresh, windows
 

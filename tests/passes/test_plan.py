@@ -1,11 +1,11 @@
 import numpy as np
 import onnx_ir as ir
 import pytest
-
-from lowbit.compiler.calibration import observe
-from lowbit.compiler.errors import InputError
-from lowbit.compiler.plan import Plan, read_plan
+from lowbit.compiler.core.calibration import observe
+from lowbit.compiler.core.errors import InputError
+from lowbit.compiler.core.plan import Plan, read_plan
 from lowbit.passes.plan import PlanUniformPass
+
 from tests.graphs import mlp
 
 
@@ -62,7 +62,7 @@ def test_plan_json_round_trip():
 
 
 def test_one_activation_scale_per_tensor_where_rows_have_similar_ranges():
-    from lowbit.compiler.calibration import TensorObserver
+    from lowbit.compiler.core.calibration import TensorObserver
 
     rng = np.random.default_rng(0)
     similar, spread = TensorObserver("xn"), TensorObserver("hr")

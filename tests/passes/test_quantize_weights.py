@@ -1,10 +1,14 @@
 import numpy as np
 import pytest
-
-from lowbit.compiler.calibration import observe
-from lowbit.compiler.errors import InputError
+from lowbit.compiler.core.calibration import observe
+from lowbit.compiler.core.errors import InputError
 from lowbit.passes.plan import PlanUniformPass
-from lowbit.passes.quantize_weights import QuantizeWeightsPass, activation_qparams, quantize_per_channel
+from lowbit.passes.quantize_weights import (
+    QuantizeWeightsPass,
+    activation_qparams,
+    quantize_per_channel,
+)
+
 from tests.graphs import mlp, ops, run
 
 X = np.random.default_rng(3).standard_normal((2, 16, 8)).astype(np.float32)
@@ -66,8 +70,8 @@ def test_static_activations_get_shared_qdq():
 
 
 def test_needs_a_plan():
-    from lowbit.compiler.errors import PassFailedError
-    from lowbit.compiler.pipeline import run_pipeline
+    from lowbit.compiler.core.errors import PassFailedError
+    from lowbit.compiler.core.pipeline import run_pipeline
 
     with pytest.raises(PassFailedError, match=r"pass QuantizeWeightsPass failed \(after nothing\): .*needs a plan"):
         run_pipeline(mlp(), [QuantizeWeightsPass()])

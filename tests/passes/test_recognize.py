@@ -1,7 +1,6 @@
 import numpy as np
 import onnx_ir as ir
-
-from lowbit.compiler.passbase import LAYER_KEY
+from lowbit.compiler.core.passbase import LAYER_KEY
 from lowbit.passes.recognize import (
     ROLE_KEY,
     RecognizeStructuresPass,
@@ -10,6 +9,7 @@ from lowbit.passes.recognize import (
     find_norms,
     linear_groups,
 )
+
 from tests.graphs import mlp
 
 

@@ -2,12 +2,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-
-from lowbit.compiler.calibration import observe
-from lowbit.compiler.errors import InputError, LowbitError, PassFailedError
-from lowbit.compiler.passbase import CompileContext
-from lowbit.compiler.pipeline import Verify, run_pipeline
+from lowbit.compiler.core.calibration import observe
+from lowbit.compiler.core.errors import InputError, LowbitError, PassFailedError
+from lowbit.compiler.core.passbase import CompileContext
+from lowbit.compiler.core.pipeline import Verify, run_pipeline
 from lowbit.passes.recognize import find_linears
 from lowbit.passes.rotate import (
     RotateResidualStreamPass,
@@ -16,6 +14,8 @@ from lowbit.passes.rotate import (
     hadamard_like,
     online_factors,
 )
+from onnx import TensorProto, helper, numpy_helper
+
 from tests.graphs import mlp, run
 from tests.passes.real_models import fresh, max_rel_diff, outputs, windows
 

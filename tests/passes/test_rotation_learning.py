@@ -1,11 +1,15 @@
 import numpy as np
 import pytest
 import torch
-from lowbit.compiler.passbase import CompileContext
+from lowbit.compiler.core.passbase import CompileContext
 from lowbit.passes.quantize_weights import Grid, quantize_weight
-from lowbit.passes.rotate import RotateResidualStreamPass
-from lowbit.passes.rotate import find_residual_stream
-from lowbit.passes.rotation_learning import _concat, fake_quantize, incoherence, stream_weights
+from lowbit.passes.rotate import RotateResidualStreamPass, find_residual_stream
+from lowbit.passes.rotation_learning import (
+    _concat,
+    fake_quantize,
+    incoherence,
+    stream_weights,
+)
 
 from tests.passes.real_models import fresh, max_rel_diff, outputs, windows
 

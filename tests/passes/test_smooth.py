@@ -6,15 +6,20 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from lowbit.compiler.core.calibration import observe
+from lowbit.compiler.core.errors import PassFailedError
+from lowbit.compiler.core.ortsession import session_for
+from lowbit.compiler.core.passbase import CompileContext
+from lowbit.compiler.core.pipeline import Verify, run_pipeline
+from lowbit.passes.calibrate import CalibratePass
+from lowbit.passes.smooth import (
+    SmoothActivationsPass,
+    group_error,
+    quantize_activations,
+    smoothing_scales,
+)
 from onnx import TensorProto, helper, numpy_helper
 
-from lowbit.compiler.calibration import observe
-from lowbit.compiler.errors import PassFailedError
-from lowbit.compiler.ortsession import session_for
-from lowbit.compiler.passbase import CompileContext
-from lowbit.compiler.pipeline import Verify, run_pipeline
-from lowbit.passes.calibrate import CalibratePass
-from lowbit.passes.smooth import SmoothActivationsPass, group_error, quantize_activations, smoothing_scales
 from tests.graphs import mlp, run
 
 RNG = np.random.default_rng(7)
@@ -224,7 +229,7 @@ def test_bad_options():
 
 
 def _real(source, *, calib_data=None, calib_samples=8, eval_samples=4, seq_len=128):
-    from lowbit.compiler.data import split_text
+    from lowbit.compiler.core.data import split_text
     from lowbit.compiler.frontend import load_source
     from lowbit.passes.canonicalize import CanonicalizePass
 

@@ -11,11 +11,11 @@ evaluation token was seen by calibration.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-
-from lowbit.compiler.errors import InputError
+from lowbit.compiler.core.errors import InputError
 
 CALIB_FRACTION = 0.8
 
@@ -85,3 +85,24 @@ def split_text(
     if not calib:
         raise InputError(f"calibration data {source} has fewer than {seq_len} tokens")
     return TextSplit(source, calib, evals, len(tokens))
+
+
+def batched(feeds: Sequence[dict[str, np.ndarray]], max_tokens: int) -> list[dict[str, np.ndarray]]:
+    """Consecutive feeds of equal shapes stacked along the batch axis, at most ``max_tokens`` per batch.
+
+    Fewer, larger runs: every sample of a compile's evaluation has the same
+    length, and per-token or per-tensor quantization does not mix samples.
+    """
+    out: list[list[dict[str, np.ndarray]]] = []
+    for f in feeds:
+        tokens = max((a.size for a in f.values()), default=1)
+        cur = out[-1] if out else None
+        if (
+            cur is not None
+            and (len(cur) + 1) * tokens <= max_tokens
+            and all(k in f and np.asarray(f[k]).shape == np.asarray(v).shape for k, v in cur[0].items())
+        ):
+            cur.append(f)
+        else:
+            out.append([f])
+    return [{k: np.concatenate([np.asarray(f[k]) for f in group]) for k in group[0]} for group in out]

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from lowbit.compiler.torch_graph import UnsupportedOpError, graph_params, run_graph
+from lowbit.compiler.core.torch_graph import UnsupportedOpError, graph_params, run_graph
 
 from tests.graphs import mlp, run
 from tests.passes.real_models import fresh, outputs, windows

@@ -23,10 +23,9 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-
-from lowbit.compiler.errors import CalibrationError
-from lowbit.compiler.ortsession import session_for
-from lowbit.compiler.progress import progress
+from lowbit.compiler.core.errors import CalibrationError
+from lowbit.compiler.core.ortsession import session_for
+from lowbit.compiler.core.progress import progress
 
 _EDGES = np.concatenate([[0.0], np.logspace(-8, 6, 2048)])
 MAX_ROW_RANGES = 8192

@@ -1,10 +1,13 @@
 """Tokenizers: llama2.c's tokenizer.bin agrees with the SentencePiece model of the same vocabulary."""
 
 import pytest
-
-from lowbit.compiler.errors import InputError
+from lowbit.compiler.core.errors import InputError
+from lowbit.compiler.core.tokenizers import (
+    Llama2cTokenizer,
+    SentencePieceTokenizer,
+    load_tokenizer,
+)
 from lowbit.models.llama2c import find_tokenizer
-from lowbit.models.tokenizers import Llama2cTokenizer, SentencePieceTokenizer, load_tokenizer
 
 TEXTS = [
     "Once upon a time, there was a little girl named Lily.",

@@ -1,9 +1,14 @@
 import onnx
 import pytest
+from lowbit.compiler.core.errors import PassFailedError
+from lowbit.compiler.core.pipeline import DumpIR, PassLog, Verify, run_pipeline
+from lowbit.passes import (
+    CanonicalizePass,
+    PlanUniformPass,
+    QuantizeWeightsPass,
+    RecognizeStructuresPass,
+)
 
-from lowbit.compiler.errors import PassFailedError
-from lowbit.compiler.pipeline import DumpIR, PassLog, Verify, run_pipeline
-from lowbit.passes import CanonicalizePass, PlanUniformPass, QuantizeWeightsPass, RecognizeStructuresPass
 from tests.compiler.custom_passes import BreakGraphPass, InsertIdentityPass
 from tests.graphs import mlp
 

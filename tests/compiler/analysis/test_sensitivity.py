@@ -1,4 +1,4 @@
-"""The sensitivity graph (compiler/sensitivity.py) on stories260K: its branches are the artifact's kernels."""
+"""The sensitivity graph (compiler/analysis/sensitivity.py) on stories260K: its branches are the artifact's kernels."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 import pytest
-
 from lowbit.backends.ort.lower import LowerToORTPass
-from lowbit.compiler import sensitivity as S
-from lowbit.compiler.candidates import Candidate, parse_candidates
-from lowbit.compiler.passbase import CompileContext
-from lowbit.compiler.pipeline import run_pipeline
-from lowbit.compiler.recipe import load_recipe
+from lowbit.compiler.analysis import sensitivity as S
+from lowbit.compiler.analysis.candidates import Candidate, parse_candidates
+from lowbit.compiler.core.passbase import CompileContext
+from lowbit.compiler.core.pipeline import run_pipeline
+from lowbit.compiler.core.recipe import load_recipe
 from lowbit.passes.plan import PlanUniformPass
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
+
 from tests.passes.real_models import fresh, outputs, windows
 
 CANDS = parse_candidates(["fp32", "w8a8", "w4a16-g32", "w4a8-g128"])
@@ -107,7 +107,7 @@ def test_measure_and_cache(setup, tmp_path):
 
 def test_scorer_is_kl_and_nll_change_by_definition():
     """The scorer's closed form equals KL(p_ref || p_q) and the NLL change computed from log-softmaxes."""
-    from lowbit.compiler.evaluate import log_softmax
+    from lowbit.compiler.core.evaluate import log_softmax
 
     rng = np.random.default_rng(0)
     ref = [rng.standard_normal((2, 6, 50)).astype(np.float32) * 4 for _ in range(2)]

@@ -2,15 +2,19 @@
 
 A recipe names a pass in one of three ways:
 
-* a registry name (``"quantize-weights"``), for passes that ship with lowbit
-  or that a plugin registered with :func:`register_pass`;
-* an entry-point name in the ``lowbit.passes`` group, so an installed package
-  adds passes without lowbit importing it by hand::
+* an entry-point name in the ``lowbit.passes`` group (``"quantize-weights"``).
+  lowbit's own passes are declared there in its ``pyproject.toml``, and an
+  installed package adds passes the same way, without lowbit importing it by
+  hand::
 
       [project.entry-points."lowbit.passes"]
       my-pass = "my_pkg.passes:MyPass"
 
+* a name a running program registered with :func:`register_pass`;
 * a dotted path ``package.module:Class``.
+
+The registry is part of the core: it finds passes by name and never imports
+a pass module itself.
 
 A pass's options are its keyword-only constructor arguments; ``pass_options``
 reads them (name, type, default, help from the docstring's ``Options:``
@@ -27,12 +31,10 @@ import re
 from typing import Any
 
 import onnx_ir as ir
-
-from lowbit.compiler.errors import InputError
+from lowbit.compiler.core.errors import InputError
 
 ENTRY_POINT_GROUP = "lowbit.passes"
 _REGISTRY: dict[str, type] = {}
-_BUILTINS_LOADED = False
 
 
 def register_pass(cls: type) -> type:
@@ -44,22 +46,16 @@ def register_pass(cls: type) -> type:
     return cls
 
 
-def _load_builtins() -> None:
-    global _BUILTINS_LOADED
-    if not _BUILTINS_LOADED:
-        _BUILTINS_LOADED = True
-        importlib.import_module("lowbit.passes")
-        importlib.import_module("lowbit.backends.ort.lower")
-        importlib.import_module("lowbit.backends.tvm.lower")
-
-
 def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
-    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    found = {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    if "canonicalize" not in found:
+        raise InputError("lowbit's built-in passes are not registered: install lowbit (pip install -e .) "
+                         "so its entry points are declared")
+    return found
 
 
 def resolve_pass(spec: str) -> type:
     """The pass class a recipe names (registry name, entry point, or dotted path)."""
-    _load_builtins()
     if spec in _REGISTRY:
         return _REGISTRY[spec]
     if ":" in spec:
@@ -88,7 +84,6 @@ def _check_pass_class(obj: Any, spec: str) -> type:
 
 def all_passes() -> dict[str, type]:
     """Registered passes plus installed entry points, by name."""
-    _load_builtins()
     found = dict(_REGISTRY)
     for name, ep in _entry_points().items():
         try:

@@ -35,8 +35,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from lowbit.compiler.errors import InputError
-from lowbit.compiler.registry import instantiate, pass_options, resolve_pass
+from lowbit.compiler.core.errors import InputError
+from lowbit.compiler.core.registry import instantiate, pass_options, resolve_pass
 
 DEFAULT_CALIBRATION = {"samples": 32, "seq_len": 128}
 DEFAULT_EVALUATION = {"samples": 16, "seq_len": 128}

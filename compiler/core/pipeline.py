@@ -22,9 +22,8 @@ from typing import Any, Sequence
 
 import onnx
 import onnx_ir as ir
-
-from lowbit.compiler.errors import LowbitError, PassFailedError
-from lowbit.compiler.passbase import CompileContext, LowbitPass
+from lowbit.compiler.core.errors import LowbitError, PassFailedError
+from lowbit.compiler.core.passbase import CompileContext, LowbitPass
 
 logger = logging.getLogger("lowbit")
 

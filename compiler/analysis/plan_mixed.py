@@ -2,9 +2,9 @@
 
 Policy only, like ``plan``: the pass writes a plan and rewrites nothing.
 
-1. **Candidates** (``lowbit.compiler.candidates``): fp32, W8A8, W8A16, W4A16 and W4A8
+1. **Candidates** (``lowbit.compiler.analysis.candidates``): fp32, W8A8, W8A16, W4A16 and W4A8
    at group sizes 32 and 128: what ``lower-ort`` runs.
-2. **Sensitivity** (``lowbit.compiler.sensitivity``): for every (layer, candidate),
+2. **Sensitivity** (``lowbit.compiler.analysis.sensitivity``): for every (layer, candidate),
    the final-output KL divergence from fp32 (and the change of the next-token
    NLL) on calibration data when only that layer takes that candidate, measured
    in one ONNX Runtime session whose linears are ``If`` trees over their lowered
@@ -12,10 +12,10 @@ Policy only, like ``plan``: the pass writes a plan and rewrites nothing.
    fp32 prefix is fed, not recomputed). Cached on disk by model, weights,
    candidates and data. ``sensitivity = "scaled"`` measures one candidate per layer
    and scales it to the others by their local output errors (one run per layer).
-3. **Cost** (``lowbit.compiler.costs``): bytes of each lowered candidate, and its
+3. **Cost** (``lowbit.compiler.analysis.costs``): bytes of each lowered candidate, and its
    latency for the layer's shape measured by ORT micro-benchmarks at
    ``latency_seq_len`` tokens, in a reusable cost table.
-4. **Solve** (``lowbit.compiler.allocate``): ``scipy.optimize.milp`` minimises the
+4. **Solve** (``lowbit.compiler.analysis.allocate``): ``scipy.optimize.milp`` minimises the
    summed sensitivity (one candidate per layer) under the budget(s):
 
    * ``budget = "5.0bits"``: average bits per linear weight, scales and zero points
@@ -63,19 +63,28 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-
-from lowbit.compiler import allocate
-from lowbit.compiler.candidates import DEFAULT_CANDIDATES, Candidate, parse_candidates
-from lowbit.compiler.errors import InputError
-from lowbit.compiler.passbase import LowbitPass
-from lowbit.compiler.plan import LayerPlan, Plan, write_plan
-from lowbit.compiler.registry import register_pass
+from lowbit.compiler.analysis import allocate
+from lowbit.compiler.analysis import costs as costs_mod
+from lowbit.compiler.analysis import sensitivity as sens_mod
+from lowbit.compiler.analysis.candidates import (
+    DEFAULT_CANDIDATES,
+    Candidate,
+    parse_candidates,
+)
+from lowbit.compiler.analysis.costs import _median_ms
+from lowbit.compiler.core.data import batched
+from lowbit.compiler.core.errors import InputError
+from lowbit.compiler.core.irutil import add_initializer, replace_value
+from lowbit.compiler.core.ortsession import session_for
+from lowbit.compiler.core.passbase import LowbitPass
+from lowbit.compiler.core.plan import LayerPlan, Plan, write_plan
+from lowbit.passes import gptq
+from lowbit.passes.quantize_embeddings import QuantizeEmbeddingsPass
 from lowbit.passes.recognize import find_linears
 
 NOTES_KEY = "plan-mixed"
 
 
-@register_pass
 class PlanMixedPrecisionPass(LowbitPass):
     """Choose each linear's precision from measured sensitivity and cost under a budget (metadata only).
 
@@ -91,7 +100,7 @@ class PlanMixedPrecisionPass(LowbitPass):
         max_ppl_increase: the smallest plan whose predicted perplexity increase is at most this, e.g. "2%" ("": unused).
         candidates: what each linear may become: fp32, w8a8, w8a16, w4a16-gG, w4a8-gG (G: group size).
         samples: calibration batches the sensitivities are measured on.
-        sensitivity: "exact" (one run per layer and candidate) or "scaled" (one run per layer, the other candidates scaled by their local output error; see compiler/sensitivity.py).
+        sensitivity: "exact" (one run per layer and candidate) or "scaled" (one run per layer, the other candidates scaled by their local output error; see compiler/analysis/sensitivity.py).
         max_tokens: tokens per ONNX Runtime run (batches are stacked up to this).
         weight_algorithm_8bit: weight algorithm of the 8-bit candidates ("rtn", "mse", "gptq").
         weight_algorithm_4bit: weight algorithm of the 4-bit candidates ("rtn", "mse", "gptq").
@@ -250,11 +259,6 @@ class PlanMixedPrecisionPass(LowbitPass):
 
     # ------------------------------------------------------------------
     def _analyse(self, model: ir.Model, linears, rejected) -> Plan:
-        from lowbit.compiler import costs as costs_mod
-        from lowbit.compiler import sensitivity as sens_mod
-        from lowbit.compiler.explain import batched
-        from lowbit.passes import gptq
-
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         batches_all = self.context.calibration_batches
@@ -481,8 +485,6 @@ class PlanMixedPrecisionPass(LowbitPass):
         linear_weights = {id(lin.weight) for lin in linears}
         tables = {}
         if self.quantized_embeddings:
-            from lowbit.passes.quantize_embeddings import QuantizeEmbeddingsPass
-
             rule = QuantizeEmbeddingsPass()
             for node in model.graph:
                 if node.op_type == "Gather" and node.domain == "" and rule._reason(node, node.inputs[0]) is None:
@@ -498,10 +500,6 @@ class PlanMixedPrecisionPass(LowbitPass):
     def _model_latency(self, model: ir.Model) -> tuple[float, float]:
         """Median ms at ``latency_seq_len`` tokens of the fp32 model as it stands, and of the same model with
         every linear replaced by a broadcast of its output shape (what is not the linears), interleaved."""
-        from lowbit.compiler.costs import _median_ms
-        from lowbit.compiler.irutil import add_initializer, replace_value
-        from lowbit.compiler.ortsession import session_for
-
         adapter = self.context.adapter
         if getattr(adapter, "task", None) in ("causal-lm", "encoder"):
             feed = adapter.make_inputs([[1 + (i % 100) for i in range(self.latency_seq_len)]])

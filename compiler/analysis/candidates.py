@@ -1,7 +1,7 @@
 """The per-layer choices a mixed-precision planner picks from, and one linear lowered as each.
 
 A *candidate* is one way to compile a linear layer: a precision of
-``lowbit.compiler.plan.PRECISIONS`` with its granularity (per channel, or
+``lowbit.compiler.core.plan.PRECISIONS`` with its granularity (per channel, or
 groups of 32 / 128 input features) and weight algorithm. The default set is
 what the ONNX Runtime lowering (``lowbit.backends.ort.lower``) runs:
 
@@ -24,17 +24,17 @@ them, so what is measured is what the artifact runs.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from lowbit.backends.ort.lower import LowerToORTPass
+from lowbit.compiler.core.errors import InputError
+from lowbit.compiler.core.passbase import LAYER_KEY, CompileContext
+from lowbit.compiler.core.plan import PRECISIONS, LayerPlan, Plan, write_plan
+from lowbit.passes.quantize_weights import QuantizeWeightsPass
 from onnx_ir.passes.common import RemoveUnusedNodesPass
-
-from lowbit.compiler.errors import InputError
-from lowbit.compiler.passbase import LAYER_KEY, CompileContext
-from lowbit.compiler.plan import PRECISIONS, LayerPlan, Plan, write_plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,8 +126,6 @@ def lower_linear(
     that keeps each quantized weight, so candidates differing only in their kernel (W4A16
     and W4A8 of one group size) quantize once.
     """
-    from lowbit.backends.ort.lower import LowerToORTPass
-
     w = np.ascontiguousarray(weight, dtype=np.float32)
     k, n = w.shape
     x = ir.Value(name=input_name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["batch", "seq", k]))
@@ -150,7 +148,7 @@ def lower_linear(
         write_plan(model, Plan(layers={layer: lp}))
     else:
         write_plan(model, Plan(layers={layer: lp}))
-        qw = _quantizer_class()({input_name: hessian} if hessian is not None else {}, **dict(quantize_options or {}))
+        qw = QuantizeWithHessians({input_name: hessian} if hessian is not None else {}, **dict(quantize_options or {}))
         if lp.weight_algorithm == "gptq" and hessian is None:
             raise InputError(f"layer {layer}: GPTQ needs the Hessian of its input")
         qw.context = context
@@ -171,19 +169,12 @@ def weight_bytes(model: ir.Model) -> int:
     return int(sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None))
 
 
-@functools.cache
-def _quantizer_class() -> type:
-    # imported late: lowbit.passes imports the planner, which imports this module
-    from lowbit.passes.quantize_weights import QuantizeWeightsPass
+class QuantizeWithHessians(QuantizeWeightsPass):
+    """``quantize-weights`` with the GPTQ Hessians handed in (gathered once on the whole model)."""
 
-    class QuantizeWithHessians(QuantizeWeightsPass):
-        """``quantize-weights`` with the GPTQ Hessians handed in (gathered once on the whole model)."""
+    def __init__(self, hessians: dict[str, np.ndarray], **options: Any) -> None:
+        super().__init__(**options)
+        self._given = hessians
 
-        def __init__(self, hessians: dict[str, np.ndarray], **options: Any) -> None:
-            super().__init__(**options)
-            self._given = hessians
-
-        def _hessians(self, model: ir.Model, layers: list) -> dict[str, np.ndarray]:
-            return dict(self._given)
-
-    return QuantizeWithHessians
+    def _hessians(self, model: ir.Model, layers: list) -> dict[str, np.ndarray]:
+        return dict(self._given)

@@ -1,4 +1,4 @@
-"""plan-mixed (passes/plan_mixed.py) on the trained stories260K: budgets, overrides, errors, --plan.
+"""plan-mixed (compiler/analysis/plan_mixed.py) on the trained stories260K: budgets, overrides, errors, --plan.
 
 The pass runs on the model as the ``mixed`` recipe hands it over (canonicalized, norms
 folded, rotated, calibrated). Most tests offer three candidates, RTN weights and one
@@ -14,15 +14,15 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-
+from lowbit.compiler.analysis.plan_mixed import NOTES_KEY, PlanMixedPrecisionPass
 from lowbit.compiler.cli import main
-from lowbit.compiler.errors import InputError
-from lowbit.compiler.passbase import CompileContext
-from lowbit.compiler.pipeline import run_pipeline
-from lowbit.compiler.plan import read_plan
-from lowbit.compiler.recipe import load_recipe
-from lowbit.passes.plan_mixed import NOTES_KEY, PlanMixedPrecisionPass
+from lowbit.compiler.core.errors import InputError
+from lowbit.compiler.core.passbase import CompileContext
+from lowbit.compiler.core.pipeline import run_pipeline
+from lowbit.compiler.core.plan import read_plan
+from lowbit.compiler.core.recipe import load_recipe
 from lowbit.passes.recognize import find_linears
+
 from tests.passes.real_models import fresh, windows
 
 FAST = {

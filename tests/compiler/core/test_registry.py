@@ -1,10 +1,15 @@
 import textwrap
 
 import pytest
-
-from lowbit.compiler.errors import InputError
-from lowbit.compiler.registry import all_passes, instantiate, pass_options, resolve_pass
+from lowbit.compiler.core.errors import InputError
+from lowbit.compiler.core.registry import (
+    all_passes,
+    instantiate,
+    pass_options,
+    resolve_pass,
+)
 from lowbit.passes.plan import PlanUniformPass
+
 from tests.compiler.custom_passes import InsertIdentityPass
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 import torch
-from lowbit.compiler.errors import LowbitError
+from lowbit.compiler.core.errors import LowbitError
 
 
 class UnsupportedOpError(LowbitError):
@@ -191,7 +191,7 @@ def check_supported(graph: ir.Graph) -> None:
         if node.domain not in ("", "ai.onnx") or node.op_type not in _OPS:
             raise UnsupportedOpError(
                 f"node {node.name!r}: operator {node.domain or 'ai.onnx'}::{node.op_type} is not supported "
-                "by lowbit's torch evaluator (lowbit.compiler.torch_graph)"
+                "by lowbit's torch evaluator (lowbit.compiler.core.torch_graph)"
             )
 
 

@@ -23,7 +23,7 @@ import struct
 from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
 
-from lowbit.compiler.errors import InputError
+from lowbit.compiler.core.errors import InputError
 
 
 @runtime_checkable

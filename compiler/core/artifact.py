@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
-
-from lowbit.compiler.errors import InputError
+from lowbit.compiler.core.errors import InputError
 
 MANIFEST = "manifest.json"
 MODEL = "model.onnx"

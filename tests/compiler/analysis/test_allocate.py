@@ -1,4 +1,4 @@
-"""The allocation solver and budget parsing (compiler/allocate.py), on synthetic sensitivities."""
+"""The allocation solver and budget parsing (compiler/analysis/allocate.py), on synthetic sensitivities."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ import itertools
 
 import numpy as np
 import pytest
-
-from lowbit.compiler import allocate
-from lowbit.compiler.errors import InputError
+from lowbit.compiler.analysis import allocate
+from lowbit.compiler.core.errors import InputError
 
 
 def brute_force(objective, allowed, costs, limits):

@@ -3,13 +3,13 @@
 A lowbit pass is an ``onnx_ir`` pass (``InPlacePass``): one method,
 ``call(model) -> PassResult``, with ``modified`` reported exactly. Options are
 keyword-only constructor arguments and map one-to-one to recipe keys; the
-registry (``lowbit.compiler.registry``) introspects them for ``lowbit passes``.
+registry (``lowbit.compiler.core.registry``) introspects them for ``lowbit passes``.
 
 What several passes share (the calibration batches, the statistics the
 calibrate pass gathered, the model adapter) lives in a ``CompileContext`` the
 pipeline hands to each pass before running it. The plan, which must travel
 with the IR into dumps and the artifact, is stored on the model itself
-(``lowbit.compiler.plan``).
+(``lowbit.compiler.core.plan``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import dataclasses
 from typing import Any, ClassVar
 
 import onnx_ir as ir
+from lowbit.compiler.core.registry import pass_options
 
 PASS_KEY = "lowbit.pass"
 LAYER_KEY = "lowbit.layer"
@@ -84,8 +85,6 @@ class LowbitPass(ir.passes.InPlacePass):
 
     def options(self) -> dict[str, Any]:
         """The resolved option values of this instance (for the manifest)."""
-        from lowbit.compiler.registry import pass_options
-
         return {opt.name: getattr(self, opt.name, opt.default) for opt in pass_options(type(self))}
 
     def __repr__(self) -> str:

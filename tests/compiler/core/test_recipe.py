@@ -1,7 +1,6 @@
 import pytest
-
-from lowbit.compiler.errors import InputError
-from lowbit.compiler.recipe import builtin_recipes, load_recipe
+from lowbit.compiler.core.errors import InputError
+from lowbit.compiler.core.recipe import builtin_recipes, load_recipe
 
 
 def test_builtin_recipes_build_and_resolve():

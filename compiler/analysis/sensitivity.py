@@ -1,6 +1,6 @@
 """Per-layer sensitivity: what the final output loses when one layer alone takes a candidate.
 
-For a model with linears ``1..L`` and candidates ``c`` (``lowbit.compiler.candidates``),
+For a model with linears ``1..L`` and candidates ``c`` (``lowbit.compiler.analysis.candidates``),
 the sensitivity of ``(l, c)`` is the final-output error, against the fp32 model,
 of the model in which layer ``l`` alone is compiled as ``c``:
 
@@ -47,13 +47,12 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 import torch
-
-from lowbit.compiler.candidates import Candidate, lower_linear, weight_bytes
-from lowbit.compiler.evaluate import cosine
-from lowbit.compiler.irutil import add_initializer, replace_value
-from lowbit.compiler.ortsession import session_for
-from lowbit.compiler.plan import LayerPlan
-from lowbit.compiler.progress import progress
+from lowbit.compiler.analysis.candidates import Candidate, lower_linear, weight_bytes
+from lowbit.compiler.core.evaluate import cosine
+from lowbit.compiler.core.irutil import add_initializer, replace_value
+from lowbit.compiler.core.ortsession import session_for
+from lowbit.compiler.core.plan import LayerPlan
+from lowbit.compiler.core.progress import progress
 from lowbit.passes.recognize import find_linears
 
 CHOICE_INPUT = "lowbit_choice"

@@ -2,7 +2,7 @@
 
 Both come from one small ONNX model per (shape, candidate): the linear alone,
 compiled by ``quantize-weights`` and ``lower-ort`` exactly as in an artifact
-(:func:`lowbit.compiler.candidates.lower_linear`, random weights). Its bytes are
+(:func:`lowbit.compiler.analysis.candidates.lower_linear`, random weights). Its bytes are
 the initializers the lowered layer stores (codes, scales, zero points, the
 constants of its kernel); its latency is the median wall time of ONNX Runtime
 running it on ``[1, T, K]`` inputs with a fixed thread count, minus the time of
@@ -29,10 +29,9 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
-
-from lowbit.compiler.calibration import TensorObserver
-from lowbit.compiler.candidates import Candidate, lower_linear, weight_bytes
-from lowbit.compiler.ortsession import session_for
+from lowbit.compiler.analysis.candidates import Candidate, lower_linear, weight_bytes
+from lowbit.compiler.core.calibration import TensorObserver
+from lowbit.compiler.core.ortsession import session_for
 
 COST_TABLE_VERSION = 1
 BACKEND = "onnxruntime"

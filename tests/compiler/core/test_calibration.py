@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
-
-from lowbit.compiler.calibration import TensorObserver, check_inputs, observe
-from lowbit.compiler.errors import CalibrationError
+from lowbit.compiler.core.calibration import TensorObserver, check_inputs, observe
+from lowbit.compiler.core.errors import CalibrationError
 
 
 def test_observer_statistics_stream_with_bounded_memory():

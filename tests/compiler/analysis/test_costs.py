@@ -1,13 +1,12 @@
-"""The cost table (compiler/costs.py): bytes and latency of lowered linears, measured and reused."""
+"""The cost table (compiler/analysis/costs.py): bytes and latency of lowered linears, measured and reused."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-
-from lowbit.compiler.candidates import Candidate
-from lowbit.compiler.costs import CostTable, layer_costs
+from lowbit.compiler.analysis.candidates import Candidate
+from lowbit.compiler.analysis.costs import CostTable, layer_costs
 
 
 def test_bytes_are_what_the_lowered_layer_stores(tmp_path):
@@ -22,7 +21,7 @@ def test_bytes_are_what_the_lowered_layer_stores(tmp_path):
 
 
 def test_latencies_are_measured_once_and_reused(tmp_path, monkeypatch):
-    monkeypatch.setattr("lowbit.compiler.costs.STALE_FACTOR", 1e9)  # a 10-microsecond probe is noise
+    monkeypatch.setattr("lowbit.compiler.analysis.costs.STALE_FACTOR", 1e9)  # a 10-microsecond probe is noise
     path = tmp_path / "costs.json"
     table = CostTable(path, threads=1)
     cands = [Candidate("fp32"), Candidate("w8a8")]
