@@ -39,12 +39,14 @@ For each model (stories260K and SmolLM2-135M by default), in one process and one
 
 Usage::
 
-    python benchmarks/compare_4bit.py [--models stories260K smollm2-135m] [--methods ...] [--out benchmarks/out] [--reuse] [--quick]
-    python benchmarks/compare_4bit.py --render A.json [B.json ...]   # markdown and RESULTS.md only
+    python -m benchmarks.compare_4bit [--models stories260K smollm2-135m] [--methods ...] [--out benchmarks/out] [--reuse] [--quick]
+    python -m benchmarks.compare_4bit --render A.json [B.json ...]   # markdown and RESULTS.md only
 
 Each method's accuracy is measured right after it is quantized and the JSON is written as the run
 goes, so a run cut short keeps what it measured; ``--reuse`` starts again from the fp32 export and
-the models a stopped run left in ``--out``.
+the models a stopped run left in ``--out``, each only if the tree that built it is this one (the
+same commit, neither with uncommitted changes: ``benchmarks.harness.check_reuse``); any other is
+built again.
 
 Writes ``<out>/compare_4bit.json`` and ``.md`` and replaces the section "## 4-bit: lowbit vs ONNX
 Runtime's MatMulNBits quantizers" of ``benchmarks/RESULTS.md`` (other sections are kept);
@@ -68,30 +70,45 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from _common import (
+from benchmarks.harness import (
     REPO,
-    T0,
     THREADS,
     CaptureWarnings,
+    MethodRegistry,
     WindowReader,
     accuracy,
+    accuracy_summary,
+    clear_stamp,
+    e2e_settings,
     export_fp32,
+    failed_row,
+    finish_record,
     fmt_ms,
-    jsonable,
+    heldout_windows,
     latency_round_robin,
+    latency_settings,
+    latency_text,
     log,
     onnx_disk_bytes,
     op_counts,
     parse_setting,
     provenance_lines,
+    ratio,
+    relative_paths,
+    render_from,
+    results_target,
+    reuse_allowed,
     run_record,
+    save_progress,
     short_error,
-    update_results,
+    stamp_artifact,
+    table,
+    target_line,
+    write_json,
     write_outputs,
 )
+from benchmarks.harness import OUT as DEFAULT_OUT
 
-HERE = Path(__file__).resolve().parent
 SHARED = REPO.parent / "shared"
 SECTION = "## 4-bit: lowbit vs ONNX Runtime's MatMulNBits quantizers"
 SEQ_LEN = 128
@@ -99,7 +116,6 @@ ACCURACY_LEVEL = 4
 WEIGHT_ONLY_PEER = "ort-default@accuracy_level0"  # timed only: ORT default's model with fp32 compute
 ORT_METHODS = ["ort-default", "ort-rtn", "ort-hqq", "ort-gptq", "ort-default-head"]
 LOWBIT_METHODS = ["lowbit-w4a16", "lowbit-w4a8", "lowbit-w4a8-toggled", "lowbit-w8a8"]
-METHODS = ["fp32", *ORT_METHODS, *LOWBIT_METHODS]
 
 # Per model: where it comes from, its text, the block size 4-bit weights are judged at, and the
 # targets (the largest perplexity increase allowed, and whether rotation must at least halve w4a8's).
@@ -124,12 +140,6 @@ MODELS: dict[str, dict[str, Any]] = {
     },
 }
 DEFAULT_MODELS = list(MODELS)
-
-
-def settings_for(quick: bool) -> dict[str, Any]:
-    if quick:
-        return {"calib_samples": 4, "eval_samples": 4, "rounds": 2, "repeats": {1: 3, 128: 2}}
-    return {"calib_samples": 32, "eval_samples": 16, "rounds": 6, "repeats": {1: 10, 128: 3}}
 
 
 # ---------------------------------------------------------------------------------------
@@ -265,9 +275,9 @@ def _toml_value(v: Any) -> str:
 
 def recipe_toml(data: dict[str, Any]) -> str:
     lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, (dict, list))]
-    for table in ("calibration", "evaluation"):
-        if table in data:
-            lines += ["", f"[{table}]"] + [f"{k} = {_toml_value(v)}" for k, v in data[table].items()]
+    for section in ("calibration", "evaluation"):
+        if section in data:
+            lines += ["", f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in data[section].items()]
     for p in data["passes"]:
         lines += ["", "[[passes]]"] + [f"{k} = {_toml_value(v)}" for k, v in p.items()]
     return "\n".join(lines) + "\n"
@@ -344,25 +354,28 @@ def lowbit_method(recipe: str, *, four_bit: bool, toggle_rotation: bool = False)
     return run
 
 
-QUANTIZERS: dict[str, Callable[[Path, Path, dict[str, Any]], dict[str, Any]]] = {
-    "ort-default": ort_nbits("default"),
-    "ort-rtn": ort_nbits("rtn"),
-    "ort-hqq": ort_nbits("hqq"),
-    "ort-gptq": ort_nbits("gptq"),
-    "ort-default-head": ort_nbits("default", keep_head=True),
-    "lowbit-w4a16": lowbit_method("w4a16", four_bit=True),
-    "lowbit-w4a8": lowbit_method("w4a8", four_bit=True),
-    "lowbit-w4a8-toggled": lowbit_method("w4a8", four_bit=True, toggle_rotation=True),
-    "lowbit-w8a8": lowbit_method("w8a8", four_bit=False),
-}
+#: the quantizers, each ``(fp32 path, output folder, context) -> info``; fp32 itself is the reference
+QUANTIZERS = MethodRegistry()
+QUANTIZERS.register("ort-default", ort_nbits("default"), label="ORT default (RTN, C++)")
+QUANTIZERS.register("ort-rtn", ort_nbits("rtn"), label="ORT RTN")
+QUANTIZERS.register("ort-hqq", ort_nbits("hqq"), label="ORT HQQ (asymmetric)")
+QUANTIZERS.register("ort-gptq", ort_nbits("gptq"), label="ORT GPTQ")
+QUANTIZERS.register("ort-default-head", ort_nbits("default", keep_head=True), label="ORT default, LM head fp32")
+QUANTIZERS.register("lowbit-w4a16", lowbit_method("w4a16", four_bit=True), label="lowbit w4a16")
+QUANTIZERS.register("lowbit-w4a8", lowbit_method("w4a8", four_bit=True), label="lowbit w4a8")
+QUANTIZERS.register("lowbit-w4a8-toggled", lowbit_method("w4a8", four_bit=True, toggle_rotation=True))  # label(): by its rotation
+QUANTIZERS.register("lowbit-w8a8", lowbit_method("w8a8", four_bit=False), label="lowbit w8a8")
+assert QUANTIZERS.names() == ORT_METHODS + LOWBIT_METHODS
+METHODS = ["fp32", *QUANTIZERS]
 
 
 # ---------------------------------------------------------------------------------------
 # Measurement
 # ---------------------------------------------------------------------------------------
-def load_fp32(spec: dict[str, Any], folder: Path, reuse: bool) -> tuple[Path, Any, float | None]:
+def load_fp32(spec: dict[str, Any], folder: Path, reuse: bool, tree: dict[str, Any] | None = None) -> tuple[Path, Any, float | None]:
     """The shared fp32 export, or with ``reuse`` the one an earlier run left in ``folder`` (the
-    adapter, for the tokenizer and inputs, is then loaded without exporting)."""
+    adapter, for the tokenizer and inputs, is then loaded without exporting). ``tree``: the
+    tree this run started in, for the stamp of a new export (None: leave no stamp)."""
     path = folder / "model.onnx"
     if reuse and path.is_file():
         from lowbit.models import load_model
@@ -372,7 +385,11 @@ def load_fp32(spec: dict[str, Any], folder: Path, reuse: bool) -> tuple[Path, An
         adapter.hf_model = None
         gc.collect()
         return path, adapter, None
-    return export_fp32(str(spec["source"]), folder)
+    clear_stamp(folder)
+    exported = export_fp32(str(spec["source"]), folder)
+    if tree is not None:
+        stamp_artifact(folder, tree)
+    return exported
 
 
 def reused_method(folder: Path) -> dict[str, Any] | None:
@@ -397,9 +414,10 @@ def reused_method(folder: Path) -> dict[str, Any] | None:
 
 def bench_model(name: str, root: Path, cfg: dict[str, Any], args: argparse.Namespace, save: Callable[[], None]) -> dict[str, Any]:
     """Quantize with every method, measuring each method's accuracy right after it (so a run
-    cut short keeps what it measured; ``save`` writes the JSON so far), then latency of all."""
+    cut short keeps what it measured; ``save`` writes the JSON so far), then latency of all.
+    With ``--reuse``, an export or model an earlier run left is taken only if the tree that
+    built it is this one (``check_reuse``); the others are built again."""
     from lowbit.compiler.core import evaluate
-    from lowbit.compiler.core.data import split_text
     from lowbit.compiler.core.ortsession import make_session
 
     spec = MODELS[name]
@@ -412,28 +430,16 @@ def bench_model(name: str, root: Path, cfg: dict[str, Any], args: argparse.Names
     args.record_sink[name] = record
 
     log(f"{name}: fp32 ONNX" + (" (reusing an earlier export if there is one)" if args.reuse else ""))
-    fp32_path, adapter, export_s = load_fp32(spec, work / "fp32", args.reuse)
+    reuse_fp32 = args.reuse and (work / "fp32" / "model.onnx").is_file() and reuse_allowed(work / "fp32", args.tree)
+    fp32_path, adapter, export_s = load_fp32(spec, work / "fp32", reuse_fp32, args.tree)
     record.update(task=adapter.task, export_seconds=export_s, source=str(spec["source"]))
     fp32_bytes = onnx_disk_bytes(fp32_path)
     log(f"{name}: fp32 ready" + (f", exported in {export_s:.1f} s" if export_s is not None else " (reused)")
         + f" ({fp32_bytes / 1e6:.1f} MB)")
 
-    split = split_text(
-        adapter.tokenizer, calib_data=spec["text"], eval_data=None,
-        calib_samples=cfg["calib_samples"], eval_samples=cfg["eval_samples"], seq_len=SEQ_LEN,
-    )
-    calib_feeds = [adapter.make_inputs([w]) for w in split.calibration]
-    eval_feeds = [adapter.make_inputs([w]) for w in split.evaluation]
-    eval_ids = [np.array([w], dtype=np.int64) for w in split.evaluation]
-    record["data"] = {
-        "source": split.source,
-        "seq_len": SEQ_LEN,
-        "calibration_windows": len(split.calibration),
-        "evaluation_windows": len(split.evaluation),
-        "evaluation_tokens": int(sum(len(w) for w in split.evaluation)),
-    }
-    full = adapter.make_inputs([split.evaluation[0]])
-    lat_feeds = {t: {k: np.ascontiguousarray(v[:, :t]) for k, v in full.items()} for t in (1, 128)}
+    win = heldout_windows(adapter, spec["text"], cfg, SEQ_LEN)
+    calib_feeds, eval_feeds, eval_ids, lat_feeds = win.calib_feeds, win.eval_feeds, win.eval_ids, win.latency_feeds
+    record["data"] = win.record
 
     ctx = {
         "adapter": adapter, "calib_feeds": calib_feeds, "block": block, "text": spec["text"],
@@ -466,31 +472,31 @@ def bench_model(name: str, root: Path, cfg: dict[str, Any], args: argparse.Names
         if "path_accuracy_level0" in info:
             info["accuracy_level0"] = measure(Path(info["path_accuracy_level0"]))
         a, a0 = info["accuracy"], info.get("accuracy_level0", {})
-        if "perplexity" in a:
-            log(f"  {method}: ppl {a['perplexity']:.4f} ({a['perplexity_increase']:+.3%}), KL {a['kl']:.4g}, "
-                f"top-1 {a['top1_agreement']:.2%}"
+        if "perplexity" in a or "error" in a:
+            log(f"  {method}: {accuracy_summary(a)}"
                 + (f"; accuracy_level 0: {a0['perplexity_increase']:+.3%}" if "perplexity_increase" in a0 else ""))
-        elif "error" in a:
-            log(f"  {method}: accuracy failed: {a['error']}")
 
     record["methods"]["fp32"] = info = {"path": fp32_path, "quantize_seconds": 0.0,
                                         "call": "lowbit frontend export (shared input of all methods)"}
     finish("fp32", info)
     for method in args.methods:
         folder = work / method
-        info = reused_method(folder) if args.reuse else None
+        # a model built from another export, or by another tree, is not this run's to reuse
+        info = None
+        if args.reuse and folder.is_dir():
+            if export_s is not None:
+                log(f"not reusing {os.path.relpath(folder, REPO)}: the fp32 export it was built from was built again")
+            elif reuse_allowed(folder, args.tree):
+                info = reused_method(folder)
         if info is not None:
+            info["reused_from_commit"] = args.tree.get("commit")  # check_reuse passed: this clean commit built it
             log(f"{name}: {method}: reusing {os.path.relpath(folder, REPO)}")
         else:
-            log(f"{name}: {method}: quantizing")
-            try:
-                info = QUANTIZERS[method](fp32_path, folder, ctx)
-                log(f"{name}: {method}: done in {info['quantize_seconds']:.1f} s")
-                (folder / "info.json").write_text(json.dumps(jsonable(info), indent=2) + "\n")
-            except Exception as e:  # keep going: a failing method is a result too
-                log(f"{name}: {method}: FAILED: {short_error(e)}")
-                traceback.print_exc()
-                info = {"error": short_error(e), "traceback": traceback.format_exc(limit=6)}
+            clear_stamp(folder)
+            info = QUANTIZERS.run(method, fp32_path, folder, ctx, prefix=f"{name}: ", print_traceback=True)
+            if "error" not in info:
+                write_json(folder / "info.json", info)
+                stamp_artifact(folder, args.tree)
         record["methods"][method] = info
         if "error" not in info:
             finish(method, info)
@@ -512,31 +518,17 @@ def bench_model(name: str, root: Path, cfg: dict[str, Any], args: argparse.Names
     reps = cfg["repeats"]
     log(f"{name}: latency, {cfg['rounds']} interleaved rounds x {reps} repeats per method")
     record["latency"] = latency_round_robin(sessions, lat_feeds, cfg["rounds"], reps)
-    record["latency_settings"] = {"rounds": cfg["rounds"], "repeats_per_round": reps, "batch": 1,
-                                  "intra_op_num_threads": THREADS, "statistic": "median over rounds of each round's median"}
+    record["latency_settings"] = latency_settings(cfg["rounds"], reps)
     del sessions
     gc.collect()
-    for info in record["methods"].values():
-        for key in ("path", "path_accuracy_level0"):
-            if key in info:
-                info[key] = os.path.relpath(info[key], REPO)
+    relative_paths(record["methods"], ("path", "path_accuracy_level0"))
     return record
 
 
 # ---------------------------------------------------------------------------------------
 # Reporting
 # ---------------------------------------------------------------------------------------
-LABELS = {
-    "fp32": "fp32",
-    "ort-default": "ORT default (RTN, C++)",
-    "ort-rtn": "ORT RTN",
-    "ort-hqq": "ORT HQQ (asymmetric)",
-    "ort-gptq": "ORT GPTQ",
-    "ort-default-head": "ORT default, LM head fp32",
-    "lowbit-w4a16": "lowbit w4a16",
-    "lowbit-w4a8": "lowbit w4a8",
-    "lowbit-w8a8": "lowbit w8a8",
-}
+LABELS = {"fp32": "fp32", **{m: lbl for m, lbl in QUANTIZERS.labels().items() if m != "lowbit-w4a8-toggled"}}
 
 
 def current_w4a8() -> list[str]:
@@ -597,13 +589,13 @@ def _ppl(acc: dict[str, Any] | None) -> str:
 def model_table(rec: dict[str, Any]) -> list[str]:
     head = ["method", "quantize time", "size MB (vs fp32)", "perplexity (increase)", "KL vs fp32", "top-1 agree",
             "perplexity at accuracy_level 0", "T=1 ms (speedup)", "T=128 ms (speedup)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows: list[list[str] | str] = []
     for m in METHODS:
         info = rec["methods"].get(m)
         if info is None:
             continue
         if "error" in info:
-            lines.append(f"| {label(rec, m)} | FAILED: {info['error'][:120].replace('|', '/')} |" + " |" * (len(head) - 2))
+            rows.append(failed_row(label(rec, m), info["error"], len(head)))
             continue
         if m == "fp32":
             qt = f"(export {rec['export_seconds']:.0f} s)" if rec.get("export_seconds") is not None else "(export reused)"
@@ -618,8 +610,8 @@ def model_table(rec: dict[str, Any]) -> list[str]:
         row.append(_ppl(info.get("accuracy_level0")) if "accuracy_level0" in info else "—")
         lat = rec.get("latency", {})
         row += [fmt_ms(lat.get("T=1", {}).get(m)), fmt_ms(lat.get("T=128", {}).get(m))]
-        lines.append("| " + " | ".join(row) + " |")
-    return lines
+        rows.append(row)
+    return table(head, rows)
 
 
 def _increase(info: dict[str, Any] | None, key: str = "accuracy") -> float | None:
@@ -650,18 +642,18 @@ def targets(results: dict[str, Any]) -> list[str]:
                    + (" (accuracy_level 0)" if ref_key == "accuracy_level0" else " (accuracy_level 4)")) if best else ""
             what = label(rec, method).removeprefix("lowbit ") + (f", group {block}" if method != "lowbit-w8a8" else "")
             if x is None:
-                lines.append(f"**N/A** — {name}: lowbit {what} perplexity not measured (the method failed or was not run)")
+                lines.append(target_line(None, f"{name}: lowbit {what} perplexity not measured (the method failed or was not run)"))
             else:
-                lines.append(f"**{'PASS' if x <= limit else 'FAIL'}** — {name}: lowbit {what} perplexity increase "
-                             f"{x:+.2%} <= {limit:+.1%}{ref}")
+                lines.append(target_line(x <= limit, f"{name}: lowbit {what} perplexity increase "
+                                                     f"{x:+.2%} <= {limit:+.1%}{ref}"))
         if spec["rotation_halves"]:
             rot, unrot = rotation_pair(rec)
             if rot is None or unrot is None:
-                lines.append(f"**N/A** — {name}: rotation effect on w4a8 not measured")
+                lines.append(target_line(None, f"{name}: rotation effect on w4a8 not measured"))
             else:
-                lines.append(f"**{'PASS' if rot <= unrot / 2 else 'FAIL'}** — {name}: rotation at least halves w4a8's "
-                             f"perplexity increase: {rot:+.2%} with rotation vs {unrot:+.2%} without "
-                             f"(limit {unrot / 2:+.2%})")
+                lines.append(target_line(rot <= unrot / 2, f"{name}: rotation at least halves w4a8's "
+                                                           f"perplexity increase: {rot:+.2%} with rotation vs {unrot:+.2%} without "
+                                                           f"(limit {unrot / 2:+.2%})"))
         lat = rec.get("latency", {}).get("T=1", {})
         peers = [(lat[m]["ms"], m) for m in ORT_METHODS if m in lat]
         if peers:
@@ -672,14 +664,14 @@ def targets(results: dict[str, Any]) -> list[str]:
                     spread = (f"; round medians {min(lat[m]['round_medians_ms']):.2f}-{max(lat[m]['round_medians_ms']):.2f} "
                               f"vs {min(lat[peer]['round_medians_ms']):.2f}-{max(lat[peer]['round_medians_ms']):.2f} ms"
                               if lat[m].get("round_medians_ms") and lat[peer].get("round_medians_ms") else "")
-                    lines.append(f"**{'PASS' if x <= ms else 'FAIL'}** — {name}: {label(rec, m)} T=1 "
-                                 f"{x:.2f} ms <= the fastest ORT MatMulNBits (accuracy_level 4, block {block}), "
-                                 f"{LABELS[peer]} {ms:.2f} ms ({ms / x:.2f}x{spread})")
+                    lines.append(target_line(x <= ms, f"{name}: {label(rec, m)} T=1 "
+                                             f"{x:.2f} ms <= the fastest ORT MatMulNBits (accuracy_level 4, block {block}), "
+                                             f"{LABELS[peer]} {ms:.2f} ms ({ratio(lat, m, peer):.2f}x{spread})"))
         if "lowbit-w4a16" in lat and WEIGHT_ONLY_PEER in lat:
             x, ms = lat["lowbit-w4a16"]["ms"], lat[WEIGHT_ONLY_PEER]["ms"]
             lines.append(f"(reference, not a target) {name}: {label(rec, 'lowbit-w4a16')} T=1 {x:.2f} ms against ORT's "
                          f"weight-only compute (ORT default at accuracy_level 0, the same weight-only arithmetic) "
-                         f"{ms:.2f} ms ({ms / x:.2f}x)")
+                         f"{ms:.2f} ms ({ratio(lat, 'lowbit-w4a16', WEIGHT_ONLY_PEER):.2f}x)")
     return lines
 
 
@@ -737,7 +729,6 @@ def notes(results: dict[str, Any]) -> list[str]:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    reps = results["settings"]["repeats"]
     blocks = ", ".join(f"{r['name']} {r['block']}" for r in results["models"].values() if "block" in r)
     lines = [
         SECTION,
@@ -760,10 +751,8 @@ def markdown(results: dict[str, Any]) -> str:
         "for the reference line under the targets). lowbit: `recipe=\"w4a16\"` and `\"w4a8\"` "
         "with `plan.group_size` = the block size, the w4a8 recipe with its rotation toggled (a recipe file in the output "
         "folder), and `\"w8a8\"`. ORT's quantizers take MatMul weights only (the embedding table stays fp32); lowbit's "
-        "recipes also store a large embedding table as int8 per row (`quantize-embeddings`), hence part of the size gap. Latency: batch 1, intra_op_num_threads=2, ORT_ENABLE_ALL; "
-        f"{results['settings']['rounds']} rounds with all methods interleaved (starting method rotated), each round "
-        f"the median of {reps.get(1, reps.get('1'))} (T=1) / {reps.get(128, reps.get('128'))} (T=128) runs; the table shows "
-        "the median of the round medians and the speedup vs fp32. Size: model.onnx + external data on disk. "
+        "recipes also store a large embedding table as int8 per row (`quantize-embeddings`), hence part of the size gap. "
+        + latency_text(results["settings"]) + " Size: model.onnx + external data on disk. "
         "Quantize time: wall time from the fp32 ONNX file.",
         "",
     ]
@@ -786,9 +775,12 @@ def markdown(results: dict[str, Any]) -> str:
     )
     lines.append("- ¹ lowbit's time is the wall time of `lowbit.compile`, which includes its built-in verification against "
                  f"fp32 (held-out accuracy and a 32-token greedy generation); the pass pipeline alone: {pipe}.")
-    if any(v.get("reused") for r in results["models"].values() for v in r.get("methods", {}).values()):
-        lines.append("- ² quantized by an earlier run of this script on the same fp32 export (`--reuse`); its time is that run's. "
-                     "Accuracy and latency are this run's.")
+    reused = [v for r in results["models"].values() for v in r.get("methods", {}).values() if v.get("reused")]
+    if reused:
+        checked = all(v.get("reused_from_commit") for v in reused)  # runs before the reuse rule did not check the tree
+        lines.append("- ² quantized by an earlier run of this script on the same fp32 export"
+                     + (" and the same clean commit" if checked else "")
+                     + " (`--reuse`); its time is that run's. Accuracy and latency are this run's.")
     lines += notes(results)
     lines.append("- Raw numbers (per-round latencies, op counts, the exact quantizer calls, ORT warnings): "
                  "`benchmarks/out/compare_4bit.json`.")
@@ -815,11 +807,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS), help="models (default: %(default)s)")
     p.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "fp32"], choices=[m for m in METHODS if m != "fp32"],
                    help="methods besides fp32 (default: all)")
-    p.add_argument("--out", type=Path, default=HERE / "out", help="output folder (default: benchmarks/out)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: benchmarks/out)")
     p.add_argument("--quick", action="store_true", help="few samples and repeats: a smoke run")
     p.add_argument("--reuse", action="store_true",
                    help="reuse the fp32 export and the quantized models an earlier run left in --out (their quantize "
-                        "time is the earlier run's, or unknown); accuracy and latency are measured again")
+                        "time is the earlier run's, or unknown); accuracy and latency are measured again. Only what "
+                        "this tree built: the same commit, neither tree with uncommitted changes; the rest is built again")
     p.add_argument("--results", type=Path, default=None,
                    help="markdown file whose 4-bit section to replace (default: benchmarks/RESULTS.md; none with --quick)")
     p.add_argument("--lowbit-setting", type=parse_setting, action="append", metavar="PASS.OPTION=VALUE",
@@ -832,25 +825,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.render is not None:
         runs = [json.loads(path.read_text()) for path in args.render]
         results = merge_runs(runs)
-        md = markdown(results)
-        (args.render[0].parent / f"{args.render[0].stem}.md").write_text(md)
-        results_md = args.results if args.results is not None else (None if results["settings"].get("quick") else HERE / "RESULTS.md")
-        if results_md is not None:
-            update_results(results_md, md)
-        print(md)
+        render_from(args.render[0], markdown(results), results_target(args.results, results["settings"].get("quick", False)))
         return 0
 
-    cfg = settings_for(args.quick)
+    cfg = e2e_settings(args.quick)
     args.out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = run_record(__file__, argv, cfg | {"seq_len": SEQ_LEN, "threads": THREADS, "quick": args.quick, "accuracy_level": ACCURACY_LEVEL})
+    results: dict[str, Any] = run_record(__spec__.name, argv, cfg | {"seq_len": SEQ_LEN, "threads": THREADS, "quick": args.quick, "accuracy_level": ACCURACY_LEVEL})
     log(f"compare_4bit: {', '.join(args.models)} ({'quick' if args.quick else 'full'} run); "
         f"{results['machine']['cores']} cores, {results['machine']['cpu']}, ORT {results['versions']['onnxruntime']}")
     stem = "compare_4bit_quick" if args.quick else "compare_4bit"
     args.record_sink = results["models"]
+    args.tree = results["lowbit_tree"]  # the tree this run started in: the stamp of what it builds
 
     def save() -> None:
-        results["total_seconds"] = time.perf_counter() - T0
-        (args.out / f"{stem}.json").write_text(json.dumps(jsonable(results), indent=2) + "\n")
+        save_progress(results, args.out / f"{stem}.json")
 
     for name in args.models:
         try:
@@ -861,10 +849,8 @@ def main(argv: list[str] | None = None) -> int:
             rec = results["models"].setdefault(name, {"name": name, "title": MODELS[name]["title"]})
             rec.update(error=short_error(e), traceback=traceback.format_exc(limit=8))
         save()
-    results["total_seconds"] = time.perf_counter() - T0
-    results["load_average_at_end"] = list(os.getloadavg())
-    results_md = args.results if args.results is not None else (None if args.quick else HERE / "RESULTS.md")
-    write_outputs(results, args.out, stem, markdown(results), results_md)
+    finish_record(results)
+    write_outputs(results, args.out, stem, markdown(results), results_target(args.results, args.quick))
     return 0
 
 

@@ -27,7 +27,7 @@ For each model (SmolLM2-135M, all-MiniLM-L6-v2 by default), in one process and o
 
 Usage::
 
-    python benchmarks/compare_int8.py [--models smollm2-135m all-minilm-l6-v2] [--out benchmarks/out] [--quick]
+    python -m benchmarks.compare_int8 [--models smollm2-135m all-minilm-l6-v2] [--out benchmarks/out] [--quick]
 
 Writes ``<out>/compare_int8.json`` and ``<out>/compare_int8.md``, and replaces the section
 "## int8: lowbit w8a8 vs ONNX Runtime quantization" of ``benchmarks/RESULTS.md`` (other
@@ -41,63 +41,58 @@ import argparse
 import collections
 import gc
 import json
-import os
 import re
 import shutil
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from _common import (
-    REPO,
-    T0,
+from benchmarks.harness import (
     THREADS,
     CaptureWarnings,
+    MethodRegistry,
     WindowReader,
     accuracy,
+    accuracy_summary,
     big_model,
+    e2e_settings,
     export_fp32,
+    failed_row,
+    finish_record,
     fmt_ms,
-    jsonable,
+    heldout_windows,
     latency_round_robin,
+    latency_settings,
+    latency_text,
     log,
     onnx_disk_bytes,
     op_counts,
     parse_setting,
     provenance_lines,
+    ratio,
+    relative_paths,
+    render_from,
+    results_target,
     run_record,
+    save_progress,
     short_error,
-    update_results,
+    table,
+    target_line,
     write_outputs,
 )
+from benchmarks.harness import OUT as DEFAULT_OUT
 
-HERE = Path(__file__).resolve().parent
 SECTION = "## int8: lowbit w8a8 vs ONNX Runtime quantization"
-METHODS = ["fp32", "ort-dynamic", "ort-static-qdq", "lowbit-w8a8"]
 DEFAULT_MODELS = ["smollm2-135m", "all-minilm-l6-v2"]
 SEQ_LEN = 128
+#: the quantizers, each ``(fp32 path, output folder, context) -> info``; fp32 itself is the reference
+QUANTIZERS = MethodRegistry()
 
 
 # ---------------------------------------------------------------------------------------
-# Settings
-# ---------------------------------------------------------------------------------------
-def settings_for(quick: bool) -> dict[str, Any]:
-    if quick:
-        return {
-            "calib_samples": 4,
-            "eval_samples": 4,
-            "rounds": 2,
-            "repeats": {1: 3, 128: 2},  # runs per method per round, by T
-        }
-    return {"calib_samples": 32, "eval_samples": 16, "rounds": 6, "repeats": {1: 10, 128: 3}}
-
-
-# ---------------------------------------------------------------------------------------
-# Helpers (the ones every benchmark shares are in _common.py)
+# Helpers (the ones every benchmark shares are in benchmarks/harness.py)
 # ---------------------------------------------------------------------------------------
 def activation_scales(path: Path, top: int = 5) -> dict[str, Any]:
     """The largest per-tensor activation scales of a QDQ model (QuantizeLinear on a non-constant input)."""
@@ -128,6 +123,7 @@ def activation_scales(path: Path, top: int = 5) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 # The methods
 # ---------------------------------------------------------------------------------------
+@QUANTIZERS.register("ort-dynamic", label="ORT quantize_dynamic")
 def ort_dynamic(fp32: Path, folder: Path, ctx: dict[str, Any]) -> dict[str, Any]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -148,6 +144,7 @@ def ort_dynamic(fp32: Path, folder: Path, ctx: dict[str, Any]) -> dict[str, Any]
     }
 
 
+@QUANTIZERS.register("ort-static-qdq", label="ORT quantize_static (QDQ)")
 def ort_static(fp32: Path, folder: Path, ctx: dict[str, Any]) -> dict[str, Any]:
     from onnxruntime.quantization import QuantFormat, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -185,6 +182,7 @@ def ort_static(fp32: Path, folder: Path, ctx: dict[str, Any]) -> dict[str, Any]:
     return info
 
 
+@QUANTIZERS.register("lowbit-w8a8", label="lowbit w8a8")
 def lowbit_w8a8(fp32: Path, folder: Path, ctx: dict[str, Any]) -> dict[str, Any]:
     from lowbit.compiler.driver import compile as lowbit_compile
 
@@ -215,18 +213,13 @@ def lowbit_w8a8(fp32: Path, folder: Path, ctx: dict[str, Any]) -> dict[str, Any]
     }
 
 
-QUANTIZERS: dict[str, Callable[[Path, Path, dict[str, Any]], dict[str, Any]]] = {
-    "ort-dynamic": ort_dynamic,
-    "ort-static-qdq": ort_static,
-    "lowbit-w8a8": lowbit_w8a8,
-}
+METHODS = ["fp32", *QUANTIZERS]
 
 
 # ---------------------------------------------------------------------------------------
 # Measurement
 # ---------------------------------------------------------------------------------------
 def bench_model(name: str, root: Path, cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    from lowbit.compiler.core.data import split_text
     from lowbit.compiler.core.ortsession import make_session
 
     work = root / "compare_int8" / name
@@ -241,37 +234,17 @@ def bench_model(name: str, root: Path, cfg: dict[str, Any], args: argparse.Names
     record.update(task=task, export_seconds=export_s, inputs=adapter.input_names, outputs=adapter.output_names)
     log(f"{name}: exported in {export_s:.1f} s ({task}, {onnx_disk_bytes(fp32_path) / 1e6:.1f} MB)")
 
-    split = split_text(
-        adapter.tokenizer, calib_data=None, eval_data=None,
-        calib_samples=cfg["calib_samples"], eval_samples=cfg["eval_samples"], seq_len=SEQ_LEN,
-    )
-    calib_feeds = [adapter.make_inputs([w]) for w in split.calibration]
-    eval_feeds = [adapter.make_inputs([w]) for w in split.evaluation]
-    eval_ids = [np.array([w], dtype=np.int64) for w in split.evaluation]
-    record["data"] = {
-        "source": split.source,
-        "seq_len": SEQ_LEN,
-        "calibration_windows": len(split.calibration),
-        "evaluation_windows": len(split.evaluation),
-        "evaluation_tokens": int(sum(len(w) for w in split.evaluation)),
-        "model_input_length": int(eval_feeds[0]["input_ids"].shape[1]),
-    }
-    full = adapter.make_inputs([split.evaluation[0]])
-    lat_feeds = {t: {k: np.ascontiguousarray(v[:, :t]) for k, v in full.items()} for t in (1, 128)}
+    win = heldout_windows(adapter, None, cfg, SEQ_LEN)
+    calib_feeds, eval_feeds, eval_ids, lat_feeds = win.calib_feeds, win.eval_feeds, win.eval_ids, win.latency_feeds
+    record["data"] = win.record | {"model_input_length": int(eval_feeds[0]["input_ids"].shape[1])}
 
     ctx = {
         "name": name, "adapter": adapter, "calib_feeds": calib_feeds,
         "lowbit_source": args.lowbit_source, "lowbit_settings": dict(args.lowbit_setting or {}),
     }
     record["methods"]["fp32"] = {"path": fp32_path, "quantize_seconds": 0.0, "call": "lowbit frontend export (shared input of all methods)"}
-    for method, fn in QUANTIZERS.items():
-        log(f"{name}: {method}: quantizing")
-        try:
-            record["methods"][method] = fn(fp32_path, work / method, ctx)
-            log(f"{name}: {method}: done in {record['methods'][method]['quantize_seconds']:.1f} s")
-        except Exception as e:  # keep going: a failing peer is a result too
-            log(f"{name}: {method}: FAILED: {short_error(e)}")
-            record["methods"][method] = {"error": short_error(e), "traceback": traceback.format_exc(limit=6)}
+    for method in QUANTIZERS:  # keep going when one fails: a failing peer is a result too
+        record["methods"][method] = QUANTIZERS.run(method, fp32_path, work / method, ctx, prefix=f"{name}: ")
         gc.collect()
 
     fp32_bytes = onnx_disk_bytes(fp32_path)
@@ -301,10 +274,8 @@ def bench_model(name: str, root: Path, cfg: dict[str, Any], args: argparse.Names
         except Exception as e:
             record["methods"][method]["accuracy"] = {"error": short_error(e)}
         acc = record["methods"][method]["accuracy"]
-        if "perplexity" in acc:
-            log(f"  {method}: ppl {acc['perplexity']:.4f} ({acc['perplexity_increase']:+.3%}), KL {acc['kl']:.4g}, top-1 {acc['top1_agreement']:.2%}")
-        elif "cosine_mean" in acc:
-            log(f"  {method}: cosine mean {acc['cosine_mean']:.6f}, min {acc['cosine_min']:.6f}")
+        if "perplexity" in acc or "cosine_mean" in acc:
+            log(f"  {method}: {accuracy_summary(acc)}")
         gc.collect()
     del ref_out
     gc.collect()
@@ -313,25 +284,17 @@ def bench_model(name: str, root: Path, cfg: dict[str, Any], args: argparse.Names
     reps = cfg["repeats"]
     log(f"{name}: latency, {cfg['rounds']} interleaved rounds x {reps} repeats per method")
     record["latency"] = latency_round_robin(sessions, lat_feeds, cfg["rounds"], reps)
-    record["latency_settings"] = {"rounds": cfg["rounds"], "repeats_per_round": reps, "batch": 1, "intra_op_num_threads": THREADS,
-                                  "statistic": "median over rounds of each round's median"}
+    record["latency_settings"] = latency_settings(cfg["rounds"], reps)
     del sessions
     gc.collect()
-    for info in record["methods"].values():
-        if "path" in info:
-            info["path"] = os.path.relpath(info["path"], REPO)
+    relative_paths(record["methods"])
     return record
 
 
 # ---------------------------------------------------------------------------------------
 # Reporting
 # ---------------------------------------------------------------------------------------
-LABELS = {
-    "fp32": "fp32",
-    "ort-dynamic": "ORT quantize_dynamic",
-    "ort-static-qdq": "ORT quantize_static (QDQ)",
-    "lowbit-w8a8": "lowbit w8a8",
-}
+LABELS = {"fp32": "fp32", **QUANTIZERS.labels()}
 QUANT_OPS = {
     "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "QuantizeLinear",
     "DequantizeLinear", "QLinearMatMul", "MatMulNBits", "GatherBlockQuantized", "QGemm", "DynamicQuantizeLSTM",
@@ -344,13 +307,13 @@ def model_table(rec: dict[str, Any]) -> list[str]:
     head = ["method", "quantize time", "size MB (vs fp32)"]
     head += ["perplexity (increase)", "KL vs fp32", "top-1 agree"] if lm else ["cosine mean", "cosine min"]
     head += ["T=1 ms (speedup)", "T=128 ms (speedup)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows: list[list[str] | str] = []
     for m in METHODS:
         info = rec["methods"].get(m)
         if info is None:
             continue
         if "error" in info:
-            lines.append(f"| {LABELS[m]} | FAILED: {info['error'][:120].replace('|', '/')} |" + " |" * (len(head) - 2))
+            rows.append(failed_row(LABELS[m], info["error"], len(head)))
             continue
         if m == "fp32":
             qt = f"(export {rec['export_seconds']:.0f} s)"
@@ -371,8 +334,8 @@ def model_table(rec: dict[str, Any]) -> list[str]:
         else:
             row += [f"{acc['cosine_mean']:.5f}", f"{acc['cosine_min']:.5f}"]
         row += [fmt_ms(rec["latency"]["T=1"].get(m)), fmt_ms(rec["latency"]["T=128"].get(m))]
-        lines.append("| " + " | ".join(row) + " |")
-    return lines
+        rows.append(row)
+    return table(head, rows)
 
 
 def targets(results: dict[str, Any]) -> list[str]:
@@ -384,26 +347,26 @@ def targets(results: dict[str, Any]) -> list[str]:
         a, b = lb.get("accuracy", {}), dyn.get("accuracy", {})
         if "perplexity_increase" in a and "perplexity_increase" in b:
             ok = a["perplexity_increase"] <= b["perplexity_increase"] / 5
-            lines.append(
-                f"**{'PASS' if ok else 'FAIL'}** — {rec['name']}: lowbit w8a8 perplexity increase "
+            lines.append(target_line(
+                ok, f"{rec['name']}: lowbit w8a8 perplexity increase "
                 f"{a['perplexity_increase']:+.3%} <= 1/5 of ORT quantize_dynamic's {b['perplexity_increase']:+.3%} "
                 f"(limit {b['perplexity_increase'] / 5:+.3%})"
-            )
+            ))
         else:
-            lines.append(f"**N/A** — {rec['name']}: perplexity target not measurable (a method failed)")
+            lines.append(target_line(None, f"{rec['name']}: perplexity target not measurable (a method failed)"))
     for rec in results["models"].values():
         if "latency" not in rec:
             continue
         lat = rec["latency"]["T=128"]
-        if "lowbit-w8a8" in lat and "ort-dynamic" in lat:
+        faster = ratio(lat, "lowbit-w8a8", "ort-dynamic")
+        if faster is not None:
             x, y = lat["lowbit-w8a8"]["ms"], lat["ort-dynamic"]["ms"]
-            ok = x <= y
-            lines.append(
-                f"**{'PASS' if ok else 'FAIL'}** — {rec['name']}: lowbit w8a8 T=128 latency {x:.2f} ms "
-                f"<= ORT quantize_dynamic's {y:.2f} ms ({y / x:.2f}x)"
-            )
+            lines.append(target_line(
+                x <= y, f"{rec['name']}: lowbit w8a8 T=128 latency {x:.2f} ms "
+                f"<= ORT quantize_dynamic's {y:.2f} ms ({faster:.2f}x)"
+            ))
         else:
-            lines.append(f"**N/A** — {rec['name']}: T=128 latency target not measurable (a method failed)")
+            lines.append(target_line(None, f"{rec['name']}: T=128 latency target not measurable (a method failed)"))
     return lines
 
 
@@ -456,7 +419,6 @@ def notes(results: dict[str, Any]) -> list[str]:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    reps = results["settings"]["repeats"]
     lines = [
         SECTION,
         "",
@@ -468,10 +430,8 @@ def markdown(results: dict[str, Any]) -> str:
         "split 80/20 by `lowbit.compiler.core.data.split_text`). Peers: `quantize_dynamic(per_channel=True, "
         "weight_type=QInt8)`; `quantize_static(quant_format=QDQ, per_channel=True)` with ORT's defaults otherwise "
         "(MinMax, QInt8 activations and weights, all op types). lowbit: `recipe=\"w8a8\"` (rotation, smoothing, int8 "
-        "per-channel weights, int8 activations quantized at run time per tensor or per token as calibration chose). Latency: batch 1, intra_op_num_threads=2, ORT_ENABLE_ALL; "
-        f"{results['settings']['rounds']} rounds with all methods interleaved (starting method rotated), each round "
-        f"the median of {reps.get(1, reps.get('1'))} (T=1) / {reps.get(128, reps.get('128'))} (T=128) runs; "
-        "the table shows the median of the round medians and the speedup vs fp32. Size: model.onnx + external data on disk. "
+        "per-channel weights, int8 activations quantized at run time per tensor or per token as calibration chose). "
+        + latency_text(results["settings"]) + " Size: model.onnx + external data on disk. "
         "Quantize time: wall time of the quantization call, starting from the fp32 ONNX file.",
         "",
     ]
@@ -508,7 +468,7 @@ def markdown(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help="lowbit model names (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=HERE / "out", help="output folder (default: benchmarks/out)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: benchmarks/out)")
     p.add_argument("--quick", action="store_true", help="few samples and repeats: a smoke run")
     p.add_argument("--results", type=Path, default=None,
                    help="markdown file whose int8 section to replace (default: benchmarks/RESULTS.md; none with --quick)")
@@ -523,18 +483,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.render is not None:
         results = json.loads(args.render.read_text())
-        md = markdown(results)
-        stem = args.render.stem
-        (args.render.parent / f"{stem}.md").write_text(md)
-        results_md = args.results if args.results is not None else (None if results["settings"].get("quick") else HERE / "RESULTS.md")
-        if results_md is not None:
-            update_results(results_md, md)
-        print(md)
+        render_from(args.render, markdown(results), results_target(args.results, results["settings"].get("quick", False)))
         return 0
 
-    cfg = settings_for(args.quick)
+    cfg = e2e_settings(args.quick)
     args.out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = run_record(__file__, argv, cfg | {"seq_len": SEQ_LEN, "threads": THREADS, "quick": args.quick, "lowbit_source": args.lowbit_source})
+    results: dict[str, Any] = run_record(__spec__.name, argv, cfg | {"seq_len": SEQ_LEN, "threads": THREADS, "quick": args.quick, "lowbit_source": args.lowbit_source})
     log(f"compare_int8: {', '.join(args.models)} ({'quick' if args.quick else 'full'} run); "
         f"{results['machine']['cores']} cores, {results['machine']['cpu']}, ORT {results['versions']['onnxruntime']}")
     stem = "compare_int8_quick" if args.quick else "compare_int8"
@@ -545,12 +499,9 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{name}: FAILED: {short_error(e)}")
             traceback.print_exc()
             results["models"][name] = {"name": name, "error": short_error(e), "traceback": traceback.format_exc(limit=8)}
-        results["total_seconds"] = time.perf_counter() - T0
-        (args.out / f"{stem}.json").write_text(json.dumps(jsonable(results), indent=2) + "\n")
-    results["total_seconds"] = time.perf_counter() - T0
-    results["load_average_at_end"] = list(os.getloadavg())
-    results_md = args.results if args.results is not None else (None if args.quick else HERE / "RESULTS.md")
-    write_outputs(results, args.out, stem, markdown(results), results_md)
+        save_progress(results, args.out / f"{stem}.json")
+    finish_record(results)
+    write_outputs(results, args.out, stem, markdown(results), results_target(args.results, args.quick))
     return 0
 
 

@@ -16,8 +16,11 @@ finds them by itself. This script:
 
 Usage::
 
-    python benchmarks/explain_smollm2.py [--recipe w8a8-plain] [--out benchmarks/out/explain_smollm2] [--samples 8] [--candidates 12] [--reuse] [--quick]
-    python benchmarks/explain_smollm2.py --render benchmarks/out/explain_smollm2/explain_smollm2.json   # markdown only
+    python -m benchmarks.explain_smollm2 [--recipe w8a8-plain] [--out benchmarks/out/explain_smollm2] [--samples 8] [--candidates 12] [--reuse] [--quick]
+    python -m benchmarks.explain_smollm2 --render benchmarks/out/explain_smollm2/explain_smollm2.json   # markdown only
+
+``--reuse`` takes the artifact an earlier run left in ``--out`` only if the tree that built it is
+this one (the same commit, neither with uncommitted changes: ``benchmarks.harness.check_reuse``).
 
 Writes ``<out>/explain_smollm2.json`` and ``.md`` and replaces the section
 "## explain: error attribution on SmolLM2-135M" of ``benchmarks/RESULTS.md`` (other
@@ -29,19 +32,26 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import os
 import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from _common import update_results
+from benchmarks.harness import (
+    OUT,
+    clear_stamp,
+    command_line,
+    git_state,
+    results_target,
+    reuse_allowed,
+    stamp_artifact,
+    tree_line,
+    update_results,
+    versions,
+)
 
-HERE = Path(__file__).resolve().parent
 SECTION = "## explain: error attribution on SmolLM2-135M"
 MODEL = "smollm2-135m"
 
@@ -60,10 +70,12 @@ def run(args) -> dict[str, Any]:
     settings = {"calibration.samples": 8, "evaluation.samples": 4} if args.quick else {}
     art = out / args.recipe
     times: dict[str, float] = {}
-    if not (args.reuse and (art / "manifest.json").is_file()):
+    if not (args.reuse and (art / "manifest.json").is_file() and reuse_allowed(art, args.tree)):
+        clear_stamp(art)
         t = time.perf_counter()
         compile(MODEL, art, recipe=args.recipe, settings=settings, measure_latency=False, keep_reference=True, progress=False)
         times["compile_s"] = time.perf_counter() - t
+        stamp_artifact(art, args.tree)
     manifest = json.loads((art / "manifest.json").read_text())
 
     # the down_proj layers with the largest calibrated input absmax (the outlier-heavy inputs):
@@ -93,9 +105,10 @@ def run(args) -> dict[str, Any]:
         "recipe": manifest["recipe"]["name"],
         "recipe_passes": [p["pass"] for p in manifest["recipe"]["passes"]],
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python benchmarks/explain_smollm2.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "versions": {p: importlib.metadata.version(p) for p in ("onnxruntime", "torch", "onnx")} | {"python": platform.python_version()},
+        "command": args.command,
+        "versions": versions() | {"python": platform.python_version()},
         "machine": {"cores": os.cpu_count(), "load_start": args.load_start, "load_end": os.getloadavg()[0]},
+        "lowbit_tree": args.tree,
         "settings": {"samples": e["samples"], "candidates": args.candidates, "quick": args.quick},
         "times": times,
         "explain_seconds": e["seconds"],
@@ -135,6 +148,7 @@ def render(r: dict[str, Any]) -> str:
         f"ONNX Runtime {r['versions']['onnxruntime']}, torch {r['versions']['torch']}, Python {r['versions']['python']}; "
         f"{r['machine']['cores']} cores, load average {f(r['machine']['load_start'], '.1f')} / {f(r['machine']['load_end'], '.1f')} (start / end)  ",
         "Times: " + ", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in r["times"].items()) + "  ",
+        *([tree_line(r["lowbit_tree"]) + "  "] if "lowbit_tree" in r else []),
         "",
         f"SmolLM2-135M, `recipe=\"{r.get('recipe', 'w8a8')}\"` (passes: {', '.join(r['recipe_passes'])}). "
         f"`lowbit explain` on {r['settings']['samples']} held-out windows of 128 tokens; promotions measured for "
@@ -191,18 +205,21 @@ def render(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipe", default="w8a8-plain", help="recipe to compile and explain (default w8a8-plain: no smoothing or rotation)")
-    p.add_argument("--out", default=str(HERE / "out" / "explain_smollm2"))
+    p.add_argument("--out", default=str(OUT / "explain_smollm2"))
     p.add_argument("--samples", type=int, default=8, help="held-out windows explain measures on (default 8)")
     p.add_argument("--candidates", type=int, default=12, help="layers whose promotion is measured (default 12)")
-    p.add_argument("--reuse", action="store_true", help="reuse the artifact in --out if it is there")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse the artifact in --out if it is there and this tree built it (same commit, no uncommitted changes)")
     p.add_argument("--quick", action="store_true", help="smoke run: fewer samples; RESULTS.md untouched")
     p.add_argument("--results", type=Path, help="markdown file whose section to replace (default benchmarks/RESULTS.md)")
     p.add_argument("--render", type=Path, metavar="JSON", help="only re-render the markdown from a JSON this script wrote")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.load_start = os.getloadavg()[0]
+    args.command = command_line(__spec__.name, argv)
+    args.tree = git_state()
     if args.quick:
         args.samples, args.candidates = 2, 4
     r = json.loads(args.render.read_text()) if args.render else run(args)
@@ -211,7 +228,7 @@ def main() -> int:
     md = render(r)
     (out / "explain_smollm2.md").write_text(md)
     print(md)
-    target = args.results if args.results is not None else (None if args.quick else HERE / "RESULTS.md")
+    target = results_target(args.results, args.quick)
     if target is not None:
         update_results(target, md)
     return 0

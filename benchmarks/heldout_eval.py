@@ -10,7 +10,7 @@ so a difference can be seen to hold across the text or not.
 
 Usage::
 
-    python benchmarks/heldout_eval.py --model smollm2-135m --windows 128 \\
+    python -m benchmarks.heldout_eval --model smollm2-135m --windows 128 \\
         --fp32 benchmarks/out/smol/compare_4bit/smollm2-135m/fp32/model.onnx \\
         unrotated=benchmarks/out/smol/compare_4bit/smollm2-135m/lowbit-w4a8-toggled \\
         learned=benchmarks/out/smol/compare_4bit/smollm2-135m/lowbit-w4a8
@@ -25,14 +25,13 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from benchmarks.harness import OUT, RESULTS_MD, provenance_lines, run_record, table, write_outputs
+
 SECTION = "## Held-out check on more windows: {model}"
 
 
@@ -83,8 +82,7 @@ def describe(folder: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from _common import provenance_lines, run_record, write_outputs
-    from compare_4bit import MODELS, load_fp32
+    from benchmarks.compare_4bit import MODELS, load_fp32
     from lowbit.compiler.core.data import split_text
     from lowbit.compiler.core.evaluate import run_batches
 
@@ -92,8 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", choices=list(MODELS), required=True)
     p.add_argument("--fp32", type=Path, required=True, help="the fp32 model.onnx the artifacts were compiled from")
     p.add_argument("--windows", type=int, default=128, help="held-out windows of 128 tokens (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=HERE / "out" / "heldout_eval")
-    p.add_argument("--results", type=Path, default=HERE / "RESULTS.md",
+    p.add_argument("--out", type=Path, default=OUT / "heldout_eval")
+    p.add_argument("--results", type=Path, default=RESULTS_MD,
                    help="markdown file whose section for this model to replace (default: %(default)s)")
     p.add_argument("artifacts", nargs="+", metavar="LABEL=FOLDER", help="artifact folders (with model.onnx)")
     args = p.parse_args(argv)
@@ -119,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"label": label, "folder": folder, **pooled(parts),
                      "quarters": [p["perplexity_increase"] for p in parts]})
         print(f"{label}: {rows[-1]['perplexity_increase']:+.2%}, KL {rows[-1]['kl']:.4f}", flush=True)
-    record = run_record(__file__, argv, {"model": args.model, "windows": len(feeds), "seq_len": 128,
+    record = run_record(__spec__.name, argv, {"model": args.model, "windows": len(feeds), "seq_len": 128,
                                          "text": split.source, "fp32_perplexity": rows[0]["perplexity_fp32"]})
     record["rows"] = rows
     record["load_average_at_end"] = list(os.getloadavg())
@@ -127,10 +125,10 @@ def main(argv: list[str] | None = None) -> None:
     lines = [SECTION.format(model=args.model), "", *provenance_lines(record), "",
              f"{len(feeds)} held-out windows of 128 tokens ({split.source}), spread evenly over the held-out text as the "
              "compile's 16 verification windows are; "
-             f"fp32 perplexity {record['settings']['fp32_perplexity']:.3f}.", "",
-             "| artifact | perplexity increase | KL vs fp32 | increase per quarter of the windows |", "|---|---|---|---|"]
-    lines += [f"| {r['label']} (`{os.path.relpath(r['folder'])}`) | {r['perplexity_increase']:+.2%} | {r['kl']:.4f} | "
-              + " / ".join(f"{q:+.2%}" for q in r["quarters"]) + " |" for r in rows]
+             f"fp32 perplexity {record['settings']['fp32_perplexity']:.3f}.", ""]
+    lines += table(["artifact", "perplexity increase", "KL vs fp32", "increase per quarter of the windows"],
+                   [[f"{r['label']} (`{os.path.relpath(r['folder'])}`)", f"{r['perplexity_increase']:+.2%}", f"{r['kl']:.4f}",
+                     " / ".join(f"{q:+.2%}" for q in r["quarters"])] for r in rows])
     lines += ["", *[f"- {label}: {describe(Path(folder))}" for label, folder in named]]
     args.out.mkdir(parents=True, exist_ok=True)
     write_outputs(record, args.out, "heldout_eval", "\n".join(lines) + "\n", args.results)

@@ -32,8 +32,8 @@ and merge it into the earlier run's JSON and section.
 
 Usage::
 
-    python benchmarks/mixed_smollm2.py [--out benchmarks/out/mixed_smollm2] [--latency 0.6] [--scaling 10 20]
-    python benchmarks/mixed_smollm2.py --only scaling --scaling 30
+    python -m benchmarks.mixed_smollm2 [--out benchmarks/out/mixed_smollm2] [--latency 0.6] [--scaling 10 20]
+    python -m benchmarks.mixed_smollm2 --only scaling --scaling 30
 
 Writes ``<out>/mixed_smollm2.json`` (after every stage, so a long run keeps what it measured)
 and replaces the section "## Mixed precision: SmolLM2-135M" of ``benchmarks/RESULTS.md``.
@@ -57,7 +57,8 @@ from typing import Any
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
+from benchmarks.harness import OUT, REPO, RESULTS_MD, git_state, results_target, table, tree_line, update_results
+
 SECTION = "## Mixed precision: SmolLM2-135M"
 
 
@@ -183,7 +184,7 @@ def evaluate(graph, scorer, feeds, choice) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--out", type=Path, default=HERE / "out" / "mixed_smollm2")
+    ap.add_argument("--out", type=Path, default=OUT / "mixed_smollm2")
     ap.add_argument("--calib", type=int, default=32, help="calibration windows (the recipe's 32)")
     ap.add_argument("--evals", type=int, default=16, help="held-out windows")
     ap.add_argument("--seq-len", type=int, default=128)
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pareto", type=int, default=6)
     ap.add_argument("--latency", type=float, default=None, help="also compile under --budget-latency this fraction")
     ap.add_argument("--scaling", type=int, nargs="*", default=[], help="truncated layer counts to time the analysis on")
-    ap.add_argument("--results", default=str(HERE / "RESULTS.md"), help="markdown file whose section to replace ('': none)")
+    ap.add_argument("--results", default=str(RESULTS_MD), help="markdown file whose section to replace ('': none)")
     ap.add_argument("--only", choices=["latency", "scaling"],
                     help="only the --latency check or the --scaling runs, merged into an earlier run's JSON and section")
     args = ap.parse_args(argv)
@@ -222,8 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             res["scaling"] = sorted(done.values(), key=lambda s: s["layers"])
             res["settings"]["scaling"] = sorted(done)
         out_json.write_text(json.dumps(res, indent=1, default=float) + "\n")
-        if args.results:
-            write_section(Path(args.results), markdown(res))
+        write_section(results_target(args.results), markdown(res))
         return 0
     if "LOWBIT_CACHE" not in os.environ:  # a fresh cache: the analysis is timed, not read back
         shutil.rmtree(args.out / "cache", ignore_errors=True)
@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "load_average_at_start": os.getloadavg(), "python": platform.python_version()},
+        "lowbit_tree": git_state(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
 
@@ -313,8 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         for row in scaling(args, options):
             res["scaling"].append(row)
             save()
-    if args.results:
-        write_section(Path(args.results), markdown(res))
+    write_section(results_target(args.results), markdown(res))
     _log(f"wrote {out_json}")
     return 0
 
@@ -361,7 +361,7 @@ def markdown(res: dict[str, Any]) -> str:
     a = res.get("analysis", {})
     t = a.get("timings", {})
     st = res["settings"]
-    cmd = (f"python benchmarks/mixed_smollm2.py --samples {st['samples']} --calib {st['calib']} --evals {st['evals']}"
+    cmd = (f"python -m benchmarks.mixed_smollm2 --samples {st['samples']} --calib {st['calib']} --evals {st['evals']}"
            f" --sensitivity {st.get('sensitivity', 'exact')}"
            + (f" --latency {st['latency']}" if st.get("latency") is not None else "")
            + (f" --scaling {' '.join(map(str, st['scaling']))}" if st.get("scaling") else "")
@@ -373,7 +373,8 @@ def markdown(res: dict[str, Any]) -> str:
              f"on {res['settings']['evals']} held-out windows of {res['settings']['seq_len']} tokens that the planner "
              "never saw, in the planner's ONNX Runtime session (the kernels `lower-ort` emits, each layer switched by an "
              "input); sensitivities on the first "
-             f"{res['settings']['samples']} calibration windows.", ""]
+             f"{res['settings']['samples']} calibration windows."
+             + (f" {tree_line(res['lowbit_tree'])}." if res.get("lowbit_tree") else ""), ""]
     if a:
         method = a["sensitivity"].get("method", "exact")
         lines += [f"Sensitivity analysis ({method}: "
@@ -395,15 +396,12 @@ def markdown(res: dict[str, Any]) -> str:
                   f"median scaled/exact ratio {v['median_ratio_scaled_to_exact']:.2f}.", ""]
     for row in res.get("budgets", []):
         b = row["budget_bits"]
-        lines += [f"**{b:g} bits per linear weight**", "",
-                  "| plan | bits/weight | KL | perplexity increase |", "|---|---|---|---|"]
         m = row["mixed"]
-        lines.append(f"| mixed (ILP) | {m['bits']:.3f} | {m['kl']:.4g} | {_pct(m['ppl_increase'])} |")
-        for k, v in row.items():
-            if k.startswith("uniform"):
-                lines.append(f"| {k} | {v['bits']:.3f} | {v['kl']:.4g} | {_pct(v['ppl_increase'])} |")
-        for i, r in enumerate(row.get("random", [])):
-            lines.append(f"| random {i + 1} | {r['bits']:.3f} | {r['kl']:.4g} | {_pct(r['ppl_increase'])} |")
+        plans = [("mixed (ILP)", m), *((k, v) for k, v in row.items() if k.startswith("uniform")),
+                 *((f"random {i + 1}", r) for i, r in enumerate(row.get("random", [])))]
+        lines += [f"**{b:g} bits per linear weight**", ""]
+        lines += table(["plan", "bits/weight", "KL", "perplexity increase"],
+                       [[k, f"{v['bits']:.3f}", f"{v['kl']:.4g}", _pct(v["ppl_increase"])] for k, v in plans])
         uni = [v for k, v in row.items() if k.startswith("uniform")]
         best = row.get("best_random")
         beats_uni = all(m["ppl_increase"] < u["ppl_increase"] for u in uni) if uni else None
@@ -415,11 +413,10 @@ def markdown(res: dict[str, Any]) -> str:
                       "beats the best of "
                       f"{len(row.get('random', []))} random plans: {'PASS' if beats_rand else 'FAIL'}.", ""]
     if res.get("pareto"):
-        lines += ["Predicted (sum of per-layer sensitivities) vs measured KL over the Pareto plans:", "",
-                  "| bits/weight | predicted KL | measured KL (calibration) | measured KL (held-out) | perplexity increase |",
-                  "|---|---|---|---|---|"]
-        for p in res["pareto"]:
-            lines.append(f"| {p['bits']:.3f} | {p['predicted_kl']:.4g} | {p['measured_kl_calibration']:.4g} | {p['kl']:.4g} | {_pct(p['ppl_increase'])} |")
+        lines += ["Predicted (sum of per-layer sensitivities) vs measured KL over the Pareto plans:", ""]
+        lines += table(["bits/weight", "predicted KL", "measured KL (calibration)", "measured KL (held-out)", "perplexity increase"],
+                       [[f"{p['bits']:.3f}", f"{p['predicted_kl']:.4g}", f"{p['measured_kl_calibration']:.4g}", f"{p['kl']:.4g}",
+                         _pct(p["ppl_increase"])] for p in res["pareto"]])
         rho = res.get("spearman_predicted_vs_heldout")
         if rho is not None:
             lines += ["", f"Spearman rank correlation, predicted vs held-out measured KL: {rho:.3f} "
@@ -449,16 +446,14 @@ def markdown(res: dict[str, Any]) -> str:
                          f"{s['analysis_seconds'] / s['linears'] if s.get('linears') else float('nan'):.2f} | "
                          f"{s['sensitivity_runs']} | " + (f"{load[0]:.1f} |" if load else "- |"))
         lines.append("")
-    lines.append(f"- Raw numbers: `{Path(res['settings']['out']).relative_to(HERE.parent) if Path(res['settings']['out']).is_relative_to(HERE.parent) else res['settings']['out']}/mixed_smollm2.json`.")
+    lines.append(f"- Raw numbers: `{Path(res['settings']['out']).relative_to(REPO) if Path(res['settings']['out']).is_relative_to(REPO) else res['settings']['out']}/mixed_smollm2.json`.")
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace (or append) this benchmark's section of RESULTS.md, keeping the others."""
-    old = path.read_text() if path.is_file() else ""
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
-    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
+def write_section(path: Path | None, text: str) -> None:
+    """Replace (or append) this benchmark's section of ``path`` (RESULTS.md; None: none), keeping the others."""
+    if path is not None:
+        update_results(path, text)
 
 
 if __name__ == "__main__":

@@ -12,15 +12,17 @@ For one model (SmolLM2-135M by default), in one process and one run:
    beside the noise floor of that comparison: ONNX Runtime against itself with the
    embedding table nudged by one part in a million (``nudged_copy``);
 4. time one forward pass (batch 1, T=1 and T=128, 2 threads for both runtimes) of fp32 ORT
-   and every artifact, interleaved round-robin (``_common.latency_round_robin``).
+   and every artifact, interleaved round-robin (``benchmarks.harness.latency_round_robin``).
 
 Usage::
 
-    python benchmarks/tvm_backend.py [--model smollm2-135m] [--recipes w8a8 w4a16] [--out benchmarks/out] [--quick]
+    python -m benchmarks.tvm_backend [--model smollm2-135m] [--recipes w8a8 w4a16] [--out benchmarks/out] [--reuse] [--quick]
 
 SmolLM2-135M builds since ``relax_import.unify_symbolic_vars`` (the attention mask's
 ``range_len_0``/``s`` variables used to stop the build in Relax's ``VMShapeLower``). The
-tuned-vs-untuned kernel comparison (``--tune``) is ``benchmarks/tvm_tune_matmul.py``.
+tuned-vs-untuned kernel comparison (``--tune``) is ``benchmarks/kernels/tvm_tune_matmul.py``.
+``--reuse`` keeps the artifacts an earlier run left only if the tree that built them is this one
+(the same commit, neither with uncommitted changes: ``benchmarks.harness.check_reuse``).
 
 Writes ``<out>/tvm_backend.json`` and ``.md`` and replaces the section
 "## TVM backend: LLVM vs ONNX Runtime" of ``benchmarks/RESULTS.md``; ``--quick`` (fewer
@@ -41,17 +43,25 @@ from typing import Any
 os.environ.setdefault("TVM_NUM_THREADS", "2")  # TVM's CPU thread pool, before TVM is imported
 
 import numpy as np  # noqa: E402
-from _common import (  # noqa: E402
-    HERE,
+
+from benchmarks.harness import (  # noqa: E402
+    OUT,
     THREADS,
+    clear_stamp,
+    command_line,
     export_fp32,
     git_state,
-    jsonable,
     latency_round_robin,
     log,
     machine_info,
+    results_target,
+    reuse_allowed,
+    stamp_artifact,
+    table,
+    tree_line,
     update_results,
     versions,
+    write_json,
 )
 
 SECTION = "## TVM backend: LLVM vs ONNX Runtime"
@@ -59,21 +69,26 @@ SECTION = "## TVM backend: LLVM vs ONNX Runtime"
 NUDGE = 1e-6
 
 
-def compile_both(fp32: Path, adapter, recipe: str, out: Path, reuse: bool = False) -> dict[str, Any]:
+def compile_both(fp32: Path, adapter, recipe: str, out: Path, reuse: bool = False,
+                 tree: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Compile ``recipe`` for both backends; with ``reuse``, an artifact an earlier run left is
+    kept if the tree that built it is this one (``tree``: this run's at its start)."""
     from lowbit.compiler.driver import compile as lowbit_compile
 
     result = {}
     for backend in ("onnxruntime", "tvm"):
         folder = out / f"{recipe}-{backend}"
-        if reuse and (folder / "manifest.json").is_file():  # an artifact of an earlier run of this script
+        if reuse and (folder / "manifest.json").is_file() and reuse_allowed(folder, tree):  # an earlier run's artifact
             m = json.loads((folder / "manifest.json").read_text())
             seconds = float(m["compile_seconds"])
         else:
+            clear_stamp(folder)
             start = time.perf_counter()
             res = lowbit_compile(str(fp32), folder, recipe=recipe, backend=backend, tokenizer=adapter.tokenizer,
                                  measure_latency=False, progress=False, threads=THREADS)
             seconds = time.perf_counter() - start
             m = res.manifest
+            stamp_artifact(folder, tree)
         acc = m["accuracy"]
         result[backend] = {
             "path": folder,
@@ -156,35 +171,37 @@ def backend_agreement(ort_dir: Path, tvm_dir: Path, feeds: list[dict[str, np.nda
 
 
 def markdown(r: dict[str, Any]) -> str:
+    command = r.get("command") or ("python -m benchmarks.tvm_backend" + (" --quick" if r["settings"]["quick"] else ""))
     lines = [SECTION, "",
              f"{r['model']}, {r['date']}, {r['machine'].get('cpu')}, {THREADS} threads for both runtimes "
-             f"(load average at start {r['loadavg'][0]:.1f}). `python benchmarks/tvm_backend.py"
-             f"{' --quick' if r['settings']['quick'] else ''}`.", "",
-             "| recipe | backend | compile s | perplexity (fp32) | KL vs fp32 | top-1 vs fp32 | greedy match | T=1 ms | T=128 ms |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"(load average at start {r['loadavg'][0]:.1f}). `{command}`."
+             + (f" {tree_line(r['git'])}." if r.get("git") else ""), ""]
     lat = r["latency"]
     fp = {t: lat[t]["fp32"]["ms"] for t in lat}
-    lines.append(f"| fp32 | onnxruntime | – | {r['perplexity_fp32']:.4g} | – | – | – | {fp['T=1']:.2f} | {fp['T=128']:.2f} |")
+    rows = [["fp32", "onnxruntime", "–", f"{r['perplexity_fp32']:.4g}", "–", "–", "–", f"{fp['T=1']:.2f}", f"{fp['T=128']:.2f}"]]
     for recipe, both in r["recipes"].items():
         for backend, row in both["compiled"].items():
             key = f"{recipe}-{backend}"
-            lines.append(
-                f"| {recipe} | {backend} | {row['compile_seconds']:.0f} | {row['perplexity']:.4g} | {row['kl_vs_fp32']:.2e} | "
-                f"{row['top1_vs_fp32']:.2%} | {row['greedy_matching_prefix']}/32 | {lat['T=1'][key]['ms']:.2f} | {lat['T=128'][key]['ms']:.2f} |")
+            rows.append([recipe, backend, f"{row['compile_seconds']:.0f}", f"{row['perplexity']:.4g}", f"{row['kl_vs_fp32']:.2e}",
+                         f"{row['top1_vs_fp32']:.2%}", f"{row['greedy_matching_prefix']}/32", f"{lat['T=1'][key]['ms']:.2f}",
+                         f"{lat['T=128'][key]['ms']:.2f}"])
+    lines += table(["recipe", "backend", "compile s", "perplexity (fp32)", "KL vs fp32", "top-1 vs fp32", "greedy match",
+                    "T=1 ms", "T=128 ms"], rows)
     lines += ["", "TVM against ONNX Runtime, same plan, held-out windows; the noise floor is ONNX Runtime against "
               f"itself with the embedding table multiplied by 1 + {NUDGE:g} (fp32 values moved by a few ulps, "
-              "as between two runtimes' arithmetic):", "",
-              "| recipe | compared | top-1 agreement | KL | max relative logit difference |", "|---|---|---|---|---|"]
+              "as between two runtimes' arithmetic):", ""]
+    rows = []
     for recipe, both in r["recipes"].items():
         a = both["agreement"]
-        lines.append(f"| {recipe} | TVM vs ORT | {a['top1_agreement']:.2%} | {a['kl']:.2e} | {a['max_rel_logit_diff']:.2e} |")
+        rows.append([recipe, "TVM vs ORT", f"{a['top1_agreement']:.2%}", f"{a['kl']:.2e}", f"{a['max_rel_logit_diff']:.2e}"])
         if "noise_floor" in a:
             n = a["noise_floor"]
-            lines.append(f"| {recipe} | ORT vs ORT nudged | {n['top1_agreement']:.2%} | {n['kl']:.2e} | {n['max_rel_logit_diff']:.2e} |")
+            rows.append([recipe, "ORT vs ORT nudged", f"{n['top1_agreement']:.2%}", f"{n['kl']:.2e}", f"{n['max_rel_logit_diff']:.2e}"])
+    lines += table(["recipe", "compared", "top-1 agreement", "KL", "max relative logit difference"], rows)
     lines += ["", "TVM LLVM kernels, untuned: the int8 GEMMs with lowbit's tiled, parallel CPU schedule "
               "(`backends/tvm/cpu.py`; no VNNI instructions yet, hence the gap to ONNX Runtime's int8 kernels), "
               "the rest with dlight's CPU rules (GEMV, reductions) or TVM's default loops. MetaSchedule tuning "
-              "(`--tune N`) is measured per kernel by `benchmarks/tvm_tune_matmul.py`.", ""]
+              "(`--tune N`) is measured per kernel by `benchmarks/kernels/tvm_tune_matmul.py`.", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -192,9 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="lowbit model name or path (default smollm2-135m)")
     p.add_argument("--recipes", nargs="+", default=["w8a8"])
-    p.add_argument("--out", type=Path, default=HERE / "out")
+    p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--quick", action="store_true", help="fewer latency repeats (smoke run)")
-    p.add_argument("--reuse", action="store_true", help="keep artifacts an earlier run left in OUT/tvm_backend (same export)")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep artifacts an earlier run left in OUT/tvm_backend (same export) if this tree built them "
+                        "(same commit, no uncommitted changes)")
     p.add_argument("--results", type=Path, help="markdown file whose TVM section to replace (default RESULTS.md; none with --quick)")
     args = p.parse_args(argv)
 
@@ -202,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     from lowbit.compiler.core.ortsession import make_session
 
     work = args.out / "tvm_backend"
-    r: dict[str, Any] = {"model": args.model, "date": datetime.date.today().isoformat(), "machine": machine_info(),
-                         "versions": versions() | {"apache-tvm": _version("apache-tvm")}, "git": git_state(),
+    r: dict[str, Any] = {"model": args.model, "command": command_line(__spec__.name, argv),
+                         "date": datetime.date.today().isoformat(), "machine": machine_info(),
+                         "versions": versions(extra=("apache-tvm",)), "git": git_state(),
                          "loadavg": os.getloadavg(), "settings": {"quick": args.quick, "threads": THREADS}, "recipes": {}}
     log(f"exporting {args.model}")
     fp32, adapter, export_s = export_fp32(args.model, work / "fp32")
@@ -215,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     sessions: dict[str, Any] = {"fp32": make_session(fp32, THREADS)}
     for recipe in args.recipes:
         log(f"compiling {recipe} for both backends")
-        compiled = compile_both(fp32, adapter, recipe, work, reuse=args.reuse)
+        compiled = compile_both(fp32, adapter, recipe, work, reuse=args.reuse, tree=r["git"])
         agreement = backend_agreement(compiled["onnxruntime"]["path"], compiled["tvm"]["path"], windows)
         log(f"  TVM vs ORT: top-1 {agreement['top1_agreement']:.2%}, KL {agreement['kl']:.2e}")
         r["recipes"][recipe] = {"compiled": compiled, "agreement": agreement}
@@ -228,23 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     r["latency"] = latency_round_robin(sessions, feeds, rounds, repeats)
     stem = "tvm_backend_quick" if args.quick else "tvm_backend"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(jsonable(r), indent=2) + "\n")
+    write_json(args.out / f"{stem}.json", r)
     md = markdown(r)
     (args.out / f"{stem}.md").write_text(md)
-    results = args.results if args.results is not None else (None if args.quick else HERE / "RESULTS.md")
+    results = results_target(args.results, args.quick)
     if results is not None:
         update_results(results, md)
     print(md)
     return 0
-
-
-def _version(package: str) -> str | None:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":

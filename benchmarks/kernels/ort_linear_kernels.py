@@ -6,14 +6,14 @@ like in a real model), runs it with ORT (CPU EP, ORT_ENABLE_ALL, intra_op_num_th
 reports:
 
 * speedup = fp32_time / variant_time: the median over rounds of the ratio of two adjacent
-  runs (see :func:`time_paired` for why paired),
+  runs (see :func:`benchmarks.harness.time_paired` for why paired),
 * relative error ||y - y_fp32||_F / ||y_fp32||_F against the fp32 MatMul on realistic
   activations (normal rows with a per-token magnitude spread and a few ~30x outlier channels),
 * the kernels ORT actually runs (op types of the optimized graph).
 
 Usage::
 
-    python benchmarks/ort_linear_kernels.py [--out DIR] [--quick] [--threads 2]
+    python -m benchmarks.kernels.ort_linear_kernels [--out DIR] [--quick] [--threads 2]
 
 Writes ``ort_linear_kernels.json`` and ``ort_linear_kernels.md`` to ``benchmarks/out/`` by
 default and prints the markdown table.
@@ -27,7 +27,6 @@ import dataclasses
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -41,6 +40,17 @@ import onnxruntime as ort
 from lowbit.backends.ort import qlinear
 from lowbit.backends.ort.qlinear import NodeBuilder
 from lowbit.compiler.analysis.costs import cpu_model
+
+from benchmarks.harness import (
+    OUT,
+    CacheFlusher,
+    command_line,
+    git_state,
+    machine_info,
+    time_paired,
+    tree_line,
+    write_json,
+)
 
 FLOAT = ir.DataType.FLOAT
 SHAPES = [(576, 576), (576, 1536), (1536, 576)]  # SmolLM2-135M: attn proj, up/gate, down
@@ -397,60 +407,6 @@ def rel_err(ys: Sequence[np.ndarray], refs: Sequence[np.ndarray]) -> float:
     return float(np.sqrt(num / den))
 
 
-class CacheFlusher:
-    """Writes a buffer larger than the last-level cache before each timed run, so that every
-    run reads its weights from DRAM, as each layer of a real model does once per token
-    (8 linears of SmolLM2 shapes would otherwise sit in a 32 MiB L3 in int8 and partly in
-    fp32, which inflates the int8 speedup at T=1)."""
-
-    def __init__(self, mib: int = 96) -> None:
-        self.buf = np.ones(mib * 2**20 // 8, dtype=np.float64)  # touch every page now
-
-    def __call__(self) -> None:
-        self.buf += 1.0
-
-
-def time_paired(runs: dict[str, Callable[[], object]], rounds: int, ref: str = "fp32",
-                flush: Callable[[], None] | None = None, reps: int = 3) -> dict[str, dict]:
-    """Paired timing: in every round, each variant is timed back to back with the fp32
-    reference (order alternating between rounds, variants in rotating order); each side of
-    a pair is the fastest of ``reps`` runs (a run that lost its time slice is dropped), and
-    the speedup is the median over rounds of ``t_ref / t_variant``.
-
-    Why paired: this machine is shared (2 vCPUs, other jobs come and go in bursts of
-    seconds; one busy core stalls ORT's 2-thread pool several-fold). Two runs a few
-    milliseconds apart see the same load, so their ratio survives bursts that make
-    absolute times (and ratios of separately taken medians) swing by 3-5x. The minimum of
-    a few runs removes the single runs that were preempted."""
-    for fn in runs.values():  # warm-up (first-run allocations, prepacking)
-        fn()
-        fn()
-    ratios: dict[str, list[float]] = {name: [] for name in runs if name != ref}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    names = list(ratios)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            t = {}
-            for nm in ((ref, name) if r % 2 == 0 else (name, ref)):
-                best = float("inf")
-                for _ in range(reps):
-                    if flush is not None:
-                        flush()
-                    t0 = time.perf_counter()
-                    runs[nm]()
-                    best = min(best, time.perf_counter() - t0)
-                t[nm] = best
-            ratios[name].append(t[ref] / t[name])
-            times[name].append(t[name])
-            times[ref].append(t[ref])
-    out = {ref: {"ms": 1e3 * statistics.median(times[ref]), "speedup": 1.0, "speedup_iqr": [1.0, 1.0]}}
-    for name, rs in ratios.items():
-        q = statistics.quantiles(rs, n=4) if len(rs) > 1 else [rs[0], rs[0], rs[0]]
-        out[name] = {"ms": 1e3 * statistics.median(times[name]), "speedup": statistics.median(rs),
-                     "speedup_iqr": [q[0], q[2]]}
-    return out
-
-
 def run_config(k: int, n: int, t: int, vs: Sequence[Variant], threads: int, rounds: int,
                flush: Callable[[], None] | None = None, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed + 1000 * k + n)
@@ -542,7 +498,7 @@ def to_markdown(rows: Sequence[dict], vs: Sequence[Variant]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"))
+    ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="one shape, fewer repeats (smoke test)")
     ap.add_argument("--rounds", type=int, default=None)
@@ -576,10 +532,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "cache_flushed_before_each_run_at_T1": flush is not None,
             "loadavg_start": round(load0, 2), "loadavg_end": round(os.getloadavg()[0], 2),
             "seconds": round(time.perf_counter() - t_start, 1)}
+    prov = {"command": command_line(__spec__.name, argv), "machine": machine_info(), "lowbit_tree": git_state()}
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ort_linear_kernels.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (out / "ort_linear_kernels.md").write_text(f"# ORT CPU W8A8 linear kernels\n\n{json.dumps(meta)}\n\n{md}")
+    write_json(out / "ort_linear_kernels.json", {"meta": meta, "provenance": prov, "rows": rows})
+    (out / "ort_linear_kernels.md").write_text(f"# ORT CPU W8A8 linear kernels\n\n`{prov['command']}`; "
+                                               f"{tree_line(prov['lowbit_tree'])}\n\n{json.dumps(meta)}\n\n{md}")
     print(md)
     print(f"wrote {out / 'ort_linear_kernels.json'} and .md in {meta['seconds']}s")
     return 0

@@ -17,14 +17,14 @@ Candidates, for ``y = x @ W`` at SmolLM2-135M shapes (576x576, 576x1536, 1536x57
 
 Every graph holds 8 independent linears (own input, own weight) so per-run overhead is
 amortised and weights stream from memory as in a model; timing is paired against the fp32
-MatMul (median ratio of adjacent runs, caches flushed before every T=1 run), with the
-helpers of ``ort_linear_kernels.py``. Errors: ``||y - x W||_F / ||x W||_F`` against the fp32
+MatMul (median ratio of adjacent runs, caches flushed before every T=1 run), with
+``benchmarks.harness.time_paired`` and the helpers of ``ort_linear_kernels``. Errors: ``||y - x W||_F / ||x W||_F`` against the fp32
 weight (total: weight quantization plus kernel) and against the variant's own dequantized
 weight (kernel only: what the activation quantization adds).
 
 Usage::
 
-    python benchmarks/ort_nbits_kernels.py [--out DIR] [--quick] [--threads 2] [--rounds N]
+    python -m benchmarks.kernels.ort_nbits_kernels [--out DIR] [--quick] [--threads 2] [--rounds N]
 
 Writes ``ort_nbits_kernels.json`` and ``ort_nbits_kernels.md`` to ``benchmarks/out/``.
 """
@@ -47,18 +47,26 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lowbit.backends.ort import nbits, qlinear
 from lowbit.backends.ort.qlinear import NodeBuilder
 from lowbit.compiler.analysis.costs import cpu_model
 from lowbit.passes.quantize_weights import QuantizedWeight, _storage, quantize_weight
-from ort_linear_kernels import (  # same folder: shared measurement helpers
+
+from benchmarks.harness import (
+    OUT,
     CacheFlusher,
+    command_line,
+    git_state,
+    machine_info,
+    time_paired,
+    tree_line,
+    write_json,
+)
+from benchmarks.kernels.ort_linear_kernels import (  # shared measurement helpers
     kernels_of,
     random_weight,
     realistic_activations,
     rel_err,
-    time_paired,
 )
 
 FLOAT = ir.DataType.FLOAT
@@ -268,7 +276,7 @@ def to_markdown(rows: Sequence[dict], vs: Sequence[Variant]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"))
+    ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="one shape, few rounds (smoke test)")
     ap.add_argument("--rounds", type=int, default=None)
@@ -290,11 +298,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "numpy": np.__version__, "python": platform.python_version(), "cpu": cpu_model(),
             "threads": args.threads, "linears_per_graph": N_LINEARS, "rounds": rounds,
             "seconds": round(time.perf_counter() - start, 1)}
+    prov = {"command": command_line(__spec__.name, argv), "machine": machine_info(), "lowbit_tree": git_state()}
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     name = "ort_nbits_kernels_quick" if args.quick else "ort_nbits_kernels"
-    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (out / f"{name}.md").write_text(f"# ORT CPU 4-bit / block-quantized linear kernels\n\n{json.dumps(meta)}\n\n{md}")
+    write_json(out / f"{name}.json", {"meta": meta, "provenance": prov, "rows": rows})
+    (out / f"{name}.md").write_text(f"# ORT CPU 4-bit / block-quantized linear kernels\n\n`{prov['command']}`; "
+                                    f"{tree_line(prov['lowbit_tree'])}\n\n{json.dumps(meta)}\n\n{md}")
     print(md)
     print(f"wrote {out / name}.json and .md in {meta['seconds']}s")
     return 0

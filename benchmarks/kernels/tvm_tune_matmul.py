@@ -10,7 +10,7 @@ trials. Each is timed with TVM's ``time_evaluator``, interleaved, median of roun
 
 Usage::
 
-    python benchmarks/tvm_tune_matmul.py [--k 576] [--n 1536] [--seq-len 128] [--trials 16] [--out benchmarks/out]
+    python -m benchmarks.kernels.tvm_tune_matmul [--k 576] [--n 1536] [--seq-len 128] [--trials 16] [--out benchmarks/out]
 
 Writes ``<out>/tvm_tune_matmul.json`` and ``.md`` and replaces the section "## TVM:
 MetaSchedule-tuned kernel vs the default schedule" of ``benchmarks/RESULTS.md``.
@@ -29,9 +29,19 @@ os.environ.setdefault("TVM_NUM_THREADS", "2")
 
 import numpy as np  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
+from benchmarks.harness import (  # noqa: E402
+    OUT,
+    RESULTS_MD,
+    command_line,
+    git_state,
+    interleaved_rounds,
+    results_target,
+    table,
+    tree_line,
+    write_outputs,
+)
+
 SECTION = "## TVM: MetaSchedule-tuned kernel vs the default schedule"
-from _common import write_outputs  # noqa: E402
 
 
 def fused_kernel(k: int, n: int, seq_len: int):
@@ -73,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--trials", type=int, default=16)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--out", type=Path, default=HERE / "out")
-    p.add_argument("--results", default=str(HERE / "RESULTS.md"), help="markdown file whose section to replace ('': none)")
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--results", default=str(RESULTS_MD), help="markdown file whose section to replace ('': none)")
     args = p.parse_args(argv)
     start = time.perf_counter()
 
@@ -100,18 +110,16 @@ def main(argv: list[str] | None = None) -> int:
         lib["main"](*args_)
         outs[k] = args_[-1].numpy().copy()
     same = bool(np.allclose(outs["tuned"], outs["untuned"], rtol=1e-5, atol=1e-5 * np.abs(outs["untuned"]).max()))
-    ms = {k: [] for k in libs}
-    for _ in range(args.rounds):  # interleaved, so a load change on the machine hits both
-        for k, lib in libs.items():
-            ms[k].append(tune.kernel_ms(lib, args_, dev, rounds=1))
-    r = {"kernel": name, "shape": {"rows": args.seq_len, "k": args.k, "n": args.n}, "trials": args.trials,
+    # interleaved, so a load change on the machine hits both (untuned first in every round)
+    ms = interleaved_rounds(list(libs), args.rounds, lambda k: tune.kernel_ms(libs[k], args_, dev, rounds=1), rotate=False)
+    r = {"command": command_line(__spec__.name, argv), "lowbit_tree": git_state(),"kernel": name, "shape": {"rows": args.seq_len, "k": args.k, "n": args.n}, "trials": args.trials,
          "tuning_seconds": round(tune_s, 1), "cost_model": info["cost_model"],
          "untuned_ms": float(np.median(ms["untuned"])), "tuned_ms": float(np.median(ms["tuned"])),
          "outputs_match": same, "threads": os.environ.get("TVM_NUM_THREADS"), "loadavg": os.getloadavg()}
     r["speedup"] = r["untuned_ms"] / r["tuned_ms"]
     r["total_seconds"] = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
-    write_outputs(r, args.out, "tvm_tune_matmul", markdown(r, args), Path(args.results) if args.results else None)
+    write_outputs(r, args.out, "tvm_tune_matmul", markdown(r, args), results_target(args.results))
     return 0
 
 
@@ -119,13 +127,14 @@ def markdown(r: dict, args) -> str:
     sh = r["shape"]
     return "\n".join([
         SECTION, "",
-        f"`python benchmarks/tvm_tune_matmul.py --trials {r['trials']} --seq-len {sh['rows']} --k {sh['k']} --n {sh['n']}` "
-        f"(TVM_NUM_THREADS={r['threads']}, load average {r['loadavg'][0]:.1f}; cost model: {r['cost_model']}). "
+        f"`python -m benchmarks.kernels.tvm_tune_matmul --trials {r['trials']} --seq-len {sh['rows']} --k {sh['k']} --n {sh['n']}` "
+        f"(TVM_NUM_THREADS={r['threads']}, load average {r['loadavg'][0]:.1f}; cost model: {r['cost_model']}"
+        + (f"; {tree_line(r['lowbit_tree'])}" if r.get("lowbit_tree") else "") + "). "
         f"One fused W8A8 linear kernel ({sh['rows']} x {sh['k']} -> {sh['n']}), MetaSchedule-tuned against the "
         "default (dlight) schedule, timed interleaved with TVM's time_evaluator.", "",
-        "| kernel | trials | tuning s | untuned ms | tuned ms | speedup | outputs match |", "|---|---|---|---|---|---|---|",
-        f"| `{r['kernel']}` | {r['trials']} | {r['tuning_seconds']:.0f} | {r['untuned_ms']:.3f} | {r['tuned_ms']:.3f} | "
-        f"{r['speedup']:.2f}x | {r['outputs_match']} |", "",
+        *table(["kernel", "trials", "tuning s", "untuned ms", "tuned ms", "speedup", "outputs match"],
+               [[f"`{r['kernel']}`", r["trials"], f"{r['tuning_seconds']:.0f}", f"{r['untuned_ms']:.3f}", f"{r['tuned_ms']:.3f}",
+                 f"{r['speedup']:.2f}x", r["outputs_match"]]]), "",
         "A compile keeps a tuned schedule only where it measures faster than the default "
         "(`tune.keep_faster`; the manifest's `tvm.tuning.timed_ms`).", ""])
 
