@@ -70,6 +70,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.harness import OUT as DEFAULT_OUT
 from benchmarks.harness import (
     REPO,
     THREADS,
@@ -107,7 +108,6 @@ from benchmarks.harness import (
     write_json,
     write_outputs,
 )
-from benchmarks.harness import OUT as DEFAULT_OUT
 
 SHARED = REPO.parent / "shared"
 SECTION = "## 4-bit: lowbit vs ONNX Runtime's MatMulNBits quantizers"
@@ -167,6 +167,7 @@ def set_accuracy_level(src: Path, dst: Path, level: int) -> int:
 def output_layers(fp32: Path) -> list[str]:
     """Node names of the output layers (LM head) of ``fp32``, as lowbit's ``output_precision`` finds them."""
     import onnx_ir as ir
+
     from lowbit.passes.recognize import find_linears, is_output_linear
 
     return [lin.node.name for lin in find_linears(ir.load(fp32).graph)[0] if is_output_linear(lin)]

@@ -49,6 +49,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from benchmarks.harness import OUT as DEFAULT_OUT
 from benchmarks.harness import (
     THREADS,
     CaptureWarnings,
@@ -82,7 +83,6 @@ from benchmarks.harness import (
     target_line,
     write_outputs,
 )
-from benchmarks.harness import OUT as DEFAULT_OUT
 
 SECTION = "## int8: lowbit w8a8 vs ONNX Runtime quantization"
 DEFAULT_MODELS = ["smollm2-135m", "all-minilm-l6-v2"]

@@ -692,6 +692,7 @@ def export_fp32(source: str, folder: Path) -> tuple[Path, Any, float]:
     """Export ``source`` (a lowbit model name or path) once with lowbit's frontend:
     (path of the fp32 ``model.onnx``, the adapter without its torch module, seconds)."""
     import onnx_ir as ir
+
     from lowbit.compiler.frontend import load_source
 
     start = time.perf_counter()

@@ -30,7 +30,14 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.harness import OUT, RESULTS_MD, provenance_lines, run_record, table, write_outputs
+from benchmarks.harness import (
+    OUT,
+    RESULTS_MD,
+    provenance_lines,
+    run_record,
+    table,
+    write_outputs,
+)
 
 SECTION = "## Held-out check on more windows: {model}"
 

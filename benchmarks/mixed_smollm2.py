@@ -57,7 +57,16 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.harness import OUT, REPO, RESULTS_MD, git_state, results_target, table, tree_line, update_results
+from benchmarks.harness import (
+    OUT,
+    REPO,
+    RESULTS_MD,
+    git_state,
+    results_target,
+    table,
+    tree_line,
+    update_results,
+)
 
 SECTION = "## Mixed precision: SmolLM2-135M"
 

@@ -69,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--plan", metavar="PLAN_JSON",
                    help="recipe mixed: use this plan (an artifact's manifest.json or a plan JSON) instead of analysing")
     c.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
-    c.add_argument("--backend", choices=["onnxruntime", "ort", "tvm"], default="onnxruntime",
-                   help="onnxruntime (model.onnx, default) or tvm (lib.so + params.bin, run with the TVM runtime)")
+    c.add_argument("--backend", default="onnxruntime", metavar="NAME",
+                   help="onnxruntime (or ort: model.onnx, default), tvm (lib.so + params.bin, run with the TVM "
+                        "runtime), or another installed backend (group lowbit.backends)")
     c.add_argument("--target", default="llvm", help="--backend tvm: llvm (this CPU, default) or cuda")
     c.add_argument("--arch", help="--backend tvm --target cuda: GPU architecture, e.g. sm_80, sm_90 (default sm_80)")
     c.add_argument("--tune", type=int, default=0, metavar="N",
@@ -221,23 +222,17 @@ def _mixed_settings(args) -> dict[str, Any]:
 
 
 def _backend_options(args) -> dict[str, Any]:
-    backend = "onnxruntime" if args.backend == "ort" else args.backend
-    tuning = {k: v for k, v in (("tune", args.tune), ("tune_seq_lens", args.tune_seq_len), ("tuning_db", args.tuning_db))
-              if v}
-    if backend == "onnxruntime":
-        return tuning | ({} if args.target == "llvm" and not args.arch else {"target": args.target, "arch": args.arch})
-    return {"backend": backend, "target": args.target, "arch": args.arch} | tuning
+    """The backend and its flags; the backend object says which flags it takes (``Backend.check``)."""
+    return {"backend": args.backend, "target": args.target, "arch": args.arch, "tune": args.tune,
+            "tune_seq_lens": args.tune_seq_len, "tuning_db": args.tuning_db}
 
 
 def cmd_run(args) -> int:
     from lowbit.compiler.core.artifact import load_manifest
+    from lowbit.compiler.core.backend import get_backend
 
-    if load_manifest(args.artifact).get("backend") == "tvm":
-        from lowbit.backends.tvm.runtime import Artifact
-    else:
-        from lowbit.backends.ort.runtime import Artifact
-
-    art = Artifact(args.artifact, threads=args.threads or None)
+    backend = get_backend(load_manifest(args.artifact).get("backend"))
+    art = backend.load(args.artifact, threads=args.threads or None)
     if args.prompt is not None:
         print(art.generate(args.prompt, max_new_tokens=args.max_new_tokens))
         return 0
@@ -315,9 +310,11 @@ def cmd_report(args) -> int:
 
 
 def cmd_passes(args) -> int:
-    from lowbit.compiler.core.registry import all_passes, pass_options
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
+
+    from lowbit.compiler.core.registry import all_passes, pass_options
 
     table = Table(title="lowbit passes", show_lines=True)
     for col in ("name", "class", "what it does", "options"):
@@ -325,7 +322,7 @@ def cmd_passes(args) -> int:
     for name, cls in sorted(all_passes().items()):
         doc = (cls.__doc__ or "").strip().splitlines()
         opts = "\n".join(f"{o.name}: {o.type} = {o.default!r}" + (f" — {o.help}" if o.help else "") for o in pass_options(cls))
-        table.add_row(name, f"{cls.__module__}.{cls.__qualname__}", doc[0] if doc else "", opts)
+        table.add_row(name, f"{cls.__module__}.{cls.__qualname__}", escape(doc[0]) if doc else "", escape(opts))  # list[str]: not markup
     Console().print(table)
     return 0
 

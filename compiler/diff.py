@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+
 from lowbit.compiler.core.errors import InputError
 from lowbit.compiler.core.passbase import DEBUG_KEY, PASS_KEY
 from lowbit.compiler.core.plan import PLAN_KEY

@@ -64,6 +64,8 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+
+from lowbit.compiler.compilation import Compilation, CompileOptions
 from lowbit.compiler.core.artifact import MODEL, load_manifest
 from lowbit.compiler.core.calibration import TensorObserver
 from lowbit.compiler.core.data import batched
@@ -75,7 +77,6 @@ from lowbit.compiler.core.passbase import (
     DEBUG_KEY,
     LAYER_KEY,
     CompileContext,
-    assign_debug_ids,
 )
 from lowbit.compiler.core.pipeline import Instrument, pass_name, run_pipeline
 from lowbit.compiler.core.plan import PRECISIONS, read_plan, write_plan
@@ -488,39 +489,39 @@ def explain(
         save: write ``explain.json`` into the artifact folder.
         max_tokens: tokens per ONNX Runtime run (samples are batched up to this).
     """
-    from lowbit.compiler.driver import _prepare_data
-    from lowbit.compiler.frontend import load_source
-
     start = time.perf_counter()
     folder = Path(artifact)
     manifest = load_manifest(folder)
-    args = reproduction_args(manifest)
-    recipe = _recipe_from_manifest(manifest)
-    model, adapter = _load_reference(folder, args, source, load_source)
-    assign_debug_ids(model)  # a kept reference has them already; a re-export gets the same ones
-    data = _prepare_data(model, adapter, recipe, args.get("calib_data"), args.get("eval_data"), None)
-    feeds = data["evaluation"][: samples or None]
-    if not feeds:
-        raise InputError("the compile had no evaluation data to explain the error on")
-    metric = _Metric("kl" if getattr(adapter, "task", None) == "causal-lm" else "1-cosine")
-    batches = batched(feeds, max_tokens)
-
     with tempfile.TemporaryDirectory(prefix="lowbit-explain-") as tmp:
         tmp = Path(tmp)
-        ref_path = _save(model, tmp, "reference")
+        # the compile's own steps, replayed: load (debug ids: a kept reference has them already, a
+        # re-export gets the same ones; the fp32 reference saved into tmp), data, context
+        replay = replay_compilation(folder, manifest, source, progress=progress)
+        _load_reference(replay, tmp)
+        adapter = replay.adapter
+        data = replay.prepare_data()
+        feeds = data.evaluation[: samples or None]
+        if not feeds:
+            raise InputError("the compile had no evaluation data to explain the error on")
+        metric = _Metric("kl" if getattr(adapter, "task", None) == "causal-lm" else "1-cosine")
+        batches = batched(feeds, max_tokens)
+        ref_path = replay.reference_path
         ref_logits = _run_logits(make_session(ref_path), batches)
 
         probe = _Probe(batches, ref_logits, metric, tmp)
-        context = CompileContext(calibration_batches=data["calibration"], adapter=adapter, progress=progress)
-        final = run_pipeline(model, recipe.build(), context=context, instruments=[probe])
+        context = replay.make_context()
+        final = replay.run_passes(instruments=[probe])
         final_logits = _run_logits(session_for(final), batches)
-        del final, model
+        del final
+        replay.model = None
+        recipe = replay.recipe
         reproduced = _check_reproduction(folder, batches, final_logits, ref_logits, metric, manifest)
         replayed = time.perf_counter()
 
         if probe.snapshot is None:
             raise InputError("no stage of this compile has quantized linears in QDQ form: nothing to attribute")
-        tail_context = CompileContext(calibration_batches=data["calibration"], stats=context.stats, adapter=adapter, progress=False)
+        tail_context = CompileContext(calibration_batches=data.calibration, stats=context.stats, adapter=adapter,
+                                      progress=False, backend=replay.backend)
 
         def make_graph(only: set[str] | None, weight_only: bool) -> tuple[ir.Model, list[_Layer]]:
             """The QDQ stage with twins, lowered by the recipe's remaining passes as the compile was."""
@@ -553,20 +554,36 @@ def explain(
     return out
 
 
-def _load_reference(folder: Path, args: dict[str, Any], source: Any, load_source):
-    """The imported fp32 graph: the artifact's ``reference.onnx``, else the source exported again."""
+def replay_compilation(folder: Path, manifest: dict[str, Any], source: Any = None, *, progress: bool = True) -> Compilation:
+    """The compile that made the artifact in ``folder``, ready to replay step by step: its resolved recipe,
+    data files and backend, and as source the artifact's ``reference.onnx`` (the imported fp32 graph,
+    with ``--keep-reference``), else ``source``, else the source the manifest names."""
+    args = reproduction_args(manifest)
     kept = folder / "reference.onnx"
+    tokenizer = args.get("tokenizer")
     if source is None and kept.is_file():
         tok = folder / "tokenizer"
-        return load_source(kept, tokenizer=tok if tok.is_dir() and any(tok.iterdir()) else args.get("tokenizer"))
-    source = source if source is not None else args.get("source")
-    if source is None:
-        raise InputError("the manifest does not say what was compiled; give the model with --source MODEL")
+        source, tokenizer = kept, (tok if tok.is_dir() and any(tok.iterdir()) else tokenizer)
+    elif source is None:
+        source = args.get("source")
+        if source is None:
+            raise InputError("the manifest does not say what was compiled; give the model with --source MODEL")
+    options = CompileOptions(recipe=_recipe_from_manifest(manifest), calib_data=args.get("calib_data"),
+                             eval_data=args.get("eval_data"), tokenizer=tokenizer, progress=progress,
+                             backend=manifest.get("backend") or "onnxruntime")
+    return Compilation(source, options)
+
+
+def _load_reference(replay: Compilation, workdir: Path) -> None:
+    """The replay's load step, with an error that says how to point at the model."""
     try:
-        return load_source(source, tokenizer=args.get("tokenizer"))
+        replay.load(workdir)
     except Exception as e:
+        if Path(str(replay.source)).name == "reference.onnx":
+            raise
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"cannot load the model this artifact was compiled from ({source!r}: {why}); give it with --source MODEL") from e
+        raise InputError(f"cannot load the model this artifact was compiled from ({replay.source!r}: {why}); "
+                         "give it with --source MODEL") from e
 
 
 def _check_reproduction(folder, batches, final_logits, ref_logits, metric, manifest) -> dict[str, Any]:

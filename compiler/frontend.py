@@ -43,8 +43,9 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 import torch
-from lowbit.compiler.core.errors import InputError, LowbitError
 from torch import nn
+
+from lowbit.compiler.core.errors import InputError, LowbitError
 
 DEFAULT_OPSET = 21
 MODULE_KEY = "lowbit.module"

@@ -25,11 +25,12 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from torch import nn
+
 from lowbit.compiler.core.errors import InputError
 from lowbit.compiler.core.tokenizers import Tokenizer, load_tokenizer
 from lowbit.models import bert, llama
 from lowbit.models.base import GenericAdapter, ModelAdapter, _count_outputs
-from torch import nn
 
 __all__ = [
     "GenericAdapter",

@@ -21,9 +21,10 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+from torch import nn
+
 from lowbit.compiler.core.errors import InputError
 from lowbit.compiler.core.tokenizers import Tokenizer
-from torch import nn
 
 # A few sentences of plain English, only to give sample inputs real token
 # statistics (not calibration or evaluation data).

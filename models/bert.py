@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
 from lowbit.compiler.core.errors import InputError
 from lowbit.compiler.core.tokenizers import HFTokenizer, Tokenizer
 from lowbit.models.base import MeanPooledEmbedding, ModelAdapter, quiet_transformers

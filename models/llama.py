@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
 from lowbit.compiler.core.errors import InputError
 from lowbit.compiler.core.tokenizers import HFTokenizer, Tokenizer
 from lowbit.models.base import CausalLMLogits, ModelAdapter, quiet_transformers

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from lowbit.compiler.core.errors import InputError
 from lowbit.compiler.core.tokenizers import (
     Llama2cTokenizer,

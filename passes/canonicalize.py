@@ -14,12 +14,16 @@ original names where one weight maps to one initializer.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_ir as ir
 import onnxscript.optimizer
-from lowbit.compiler.core.irutil import add_initializer, replace_value
-from lowbit.compiler.core.passbase import LowbitPass, carry_debug_id
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
+
+from lowbit.compiler.core.irutil import add_initializer, replace_value
+from lowbit.compiler.core.options import PassOptions, option
+from lowbit.compiler.core.passbase import LowbitPass, carry_debug_id
 
 
 def _attr(node: ir.Node, name: str, default):
@@ -27,20 +31,19 @@ def _attr(node: ir.Node, name: str, default):
     return default if attr is None else attr.value
 
 
+@dataclasses.dataclass(frozen=True)
+class CanonicalizeOptions(PassOptions):
+    fold_constants: bool = option(True, "run onnxscript's constant folding and shape inference.")
+
+
 class CanonicalizePass(LowbitPass):
     """Rewrite Gemm/transposed weights to ``MatMul(x, W[K, N])``, fold constants.
 
-    In place.
-
-    Options:
-        fold_constants: run onnxscript's constant folding and shape inference.
+    In place. Options: :class:`CanonicalizeOptions`.
     """
 
     name = "canonicalize"
-
-    def __init__(self, *, fold_constants: bool = True) -> None:
-        super().__init__()
-        self.fold_constants = fold_constants
+    Options = CanonicalizeOptions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph

@@ -31,29 +31,29 @@ import dataclasses
 
 import numpy as np
 import onnx_ir as ir
+
 from lowbit.compiler.core.irutil import add_initializer, replace_value
+from lowbit.compiler.core.options import PassOptions, option
 from lowbit.compiler.core.passbase import LowbitPass, carry_debug_id
+from lowbit.compiler.core.results import PassRecord, internal
 from lowbit.passes.recognize import Norm, constant_weight, find_norms, layer_name
 
 _FUSED_NORMS = ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization")
 
 
 @dataclasses.dataclass
-class FoldReport:
-    """What one run of the fold logic did (the manifest's notes)."""
+class FoldReport(PassRecord):
+    """What one run of the fold logic did (``fold-norms``'s record: folded and skipped, with the reasons)."""
 
     norms_folded: list[str] = dataclasses.field(default_factory=list)
     scales_folded: list[str] = dataclasses.field(default_factory=list)
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
     #: names of values whose contents changed (their calibration stats are stale)
-    changed_values: list[str] = dataclasses.field(default_factory=list)
+    changed_values: list[str] = internal(default_factory=list)
 
     @property
     def modified(self) -> bool:
         return bool(self.norms_folded or self.scales_folded)
-
-    def notes(self) -> dict:
-        return {"norms_folded": self.norms_folded, "scales_folded": self.scales_folded, "skipped": self.skipped}
 
 
 def is_linear(node: ir.Node) -> bool:
@@ -253,29 +253,27 @@ def fold_model(model: ir.Model, tag, *, norms: bool = True, scales: bool = True)
     return report
 
 
+@dataclasses.dataclass(frozen=True)
+class FoldNormsOptions(PassOptions):
+    norms: bool = option(True, "fold RMSNorm/LayerNorm scales (and LayerNorm biases).")
+    scales: bool = option(True, "fold Mul-by-constant per-channel scales that only linears read.")
+
+
 class FoldNormScalesPass(LowbitPass):
     """Fold norm γ/β and per-channel Mul scales into the linears that read them.
 
     In place; keeps the fp32 function. Run it after ``canonicalize`` (weights
     must be ``MatMul`` initializers) and before ``calibrate``: statistics of
     tensors it changed are dropped from the compile context. Skipped norms and
-    scales, with the reason, go to ``context.notes["fold-norms"]``.
-
-    Options:
-        norms: fold RMSNorm/LayerNorm scales (and LayerNorm biases).
-        scales: fold Mul-by-constant per-channel scales that only linears read.
+    scales, with the reason, are in its record (:class:`FoldReport`). Options:
+    :class:`FoldNormsOptions`.
     """
 
     name = "fold-norms"
-
-    def __init__(self, *, norms: bool = True, scales: bool = True) -> None:
-        super().__init__()
-        self.norms = norms
-        self.scales = scales
+    Options = FoldNormsOptions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         report = fold_model(model, self.tag, norms=self.norms, scales=self.scales)
         for name in report.changed_values:
             self.context.stats.pop(name, None)
-        self.context.notes[self.name] = report.notes()
-        return ir.passes.PassResult(model, report.modified)
+        return self.result(model, report.modified, report)

@@ -20,10 +20,14 @@ import dataclasses
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
 from lowbit.compiler.core.irutil import add_initializer, replace_value
+from lowbit.compiler.core.options import PassOptions, option
 from lowbit.compiler.core.passbase import DEBUG_KEY, LAYER_KEY, LowbitPass
 from lowbit.compiler.core.plan import read_plan
-from onnx_ir.passes.common import RemoveUnusedNodesPass
+from lowbit.compiler.core.quantized import require_quantized
+from lowbit.compiler.core.results import PassRecord
 
 #: on the Split node: the debug ids of the MatMuls its outputs stand for, in output order
 DEBUG_IDS_KEY = "lowbit.debug_ids"
@@ -66,21 +70,37 @@ def _dq_weight(node: ir.Node) -> _Weight | None:
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class FuseLinearsOptions(PassOptions):
+    min_group: int = option(2, "fuse groups of at least this many linears.")
+
+
+@dataclasses.dataclass
+class FuseLinearsRecord(PassRecord):
+    """The layers fused into one linear, one list per group (the manifest's ``fused_with``)."""
+
+    groups: list[list[str]]
+
+    def fused_groups(self) -> list[list[str]]:
+        return self.groups
+
+
 class FuseSharedInputLinearsPass(LowbitPass):
     """Merge quantized linears (per channel, or in blocks of input features) that share an input and a plan.
 
-    In place. Precondition: ``quantize-weights`` has run. Linears with different
-    plans (precision, activation mode) stay apart.
-
-    Options:
-        min_group: fuse groups of at least this many linears.
+    In place. Requires ``quantize-weights`` to have run (every planned integer
+    weight quantized). Linears with different plans (precision, activation
+    mode) stay apart. Options: :class:`FuseLinearsOptions`; record:
+    :class:`FuseLinearsRecord`.
     """
 
     name = "fuse-linears"
+    Options = FuseLinearsOptions
 
-    def __init__(self, *, min_group: int = 2) -> None:
-        super().__init__()
-        self.min_group = min_group
+    def requires(self, model: ir.Model) -> None:
+        plan = read_plan(model)
+        if plan is not None:  # without a plan, quantized weights (if any) are fused as they are
+            require_quantized(model.graph, plan, self.name)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         plan = read_plan(model)
@@ -98,19 +118,13 @@ class FuseSharedInputLinearsPass(LowbitPass):
                    found.codes.dtype.str, found.block, found.zero is not None)
             groups.setdefault(key, []).append((node, layer, found))
         fused = []
-        table = self.context.notes.get("layers", {})
         for members in groups.values():
             if len(members) >= self.min_group:
                 self._fuse(graph, members)
-                names = [m[1] for m in members]
-                fused.append(names)
-                for name in names:  # the lowering labels every member with the fused kernel
-                    if name in table:
-                        table[name]["fused_with"] = names
+                fused.append([m[1] for m in members])
         if fused:
             RemoveUnusedNodesPass()(model)  # the separate weights are gone
-        self.context.notes["fuse-linears"] = {"groups": fused}
-        return ir.passes.PassResult(model, bool(fused))
+        return self.result(model, bool(fused), FuseLinearsRecord(fused))
 
     def _fuse(self, graph: ir.Graph, members: list) -> None:
         first, layer = members[0][0], members[0][1]

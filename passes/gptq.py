@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 import scipy.linalg
+
 from lowbit.compiler.core.errors import CalibrationError
 from lowbit.compiler.core.ortsession import session_for
 from lowbit.compiler.core.progress import progress

@@ -15,10 +15,63 @@ import dataclasses
 import fnmatch
 
 import onnx_ir as ir
-from lowbit.compiler.core.errors import InputError
+
+from lowbit.compiler.core.errors import InputError, OptionError
+from lowbit.compiler.core.options import PassOptions, option
 from lowbit.compiler.core.passbase import LowbitPass
 from lowbit.compiler.core.plan import LayerPlan, Plan, read_plan, write_plan
 from lowbit.passes.recognize import find_linears, is_output_linear
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanOptions(PassOptions):
+    precision: str = option("w8a8", 'precision of every linear: "w8a8", "w8a16", "w4a16", "w4a8" or "fp32".')
+    activations: str = option("dynamic", '"dynamic" (per-token scales at run time), "dynamic-tensor" (one scale per '
+                                         'tensor at run time) or "static" (calibrated, per tensor).')
+    tensor_scale_max_bits: float = option(
+        0.0, "with dynamic activations, give a layer one run-time scale per tensor (fewer operators, ORT's "
+             "DynamicQuantizeMatMul) when calibration shows that costs its input at most this many bits of "
+             "resolution against per-token scales (0: never).")
+    weight_algorithm: str = option("rtn", '"rtn" (absmax), "mse" (clipping searched per scale) or "gptq" '
+                                          '(needs calibration data).')
+    group_size: int = option(0, "weight scales per group of this many input features (a power of two >= 16); "
+                                "0: per channel.")
+    symmetric: bool = option(True, "symmetric weights (no zero point); false: unsigned codes with zero points.")
+    act_order: bool = option(False, "GPTQ: quantize input features in order of decreasing Hessian diagonal.")
+    exclude: list[str] | None = option(None, "glob patterns of layer names kept in fp32.")
+    max_outlier_ratio: float = option(0.0, "keep a layer in fp32 when its input's outlier ratio exceeds this "
+                                           "(0: never).")
+    keep_float_top: int = option(0, "keep the N layers with the largest input outlier ratio in fp32 (0: none).")
+    output_precision: str = option(
+        "", "precision of the output layers (a linear whose result is a graph output, up to reshaping and a "
+            'bias: the LM head, a classifier); "": the same as every other layer. With 8-bit weights they are '
+            "per channel and symmetric whatever group_size and symmetric say.")
+    overrides: list[str] | None = option(None, '"GLOB=PRECISION" items applied last (the CLI\'s --override).')
+
+    def __post_init__(self) -> None:
+        # each setting alone, then together, as the plan's LayerPlan checks them
+        for name, settings in (("precision", {"precision": self.precision}),
+                               ("activations", {"activations": self.activations}),
+                               ("weight_algorithm", {"weight_algorithm": self.weight_algorithm}),
+                               ("group_size", {"group_size": self.group_size or None})):
+            self._check_layer_plan(name, **settings)
+        together = "act_order" if self.act_order and self.weight_algorithm != "gptq" else "activations"
+        self._check_layer_plan(together, **self._layer_settings(self.precision))
+        if self.output_precision:
+            self._check_layer_plan("output_precision", precision=self.output_precision)
+            self._check_layer_plan("output_precision", **self._layer_settings(self.output_precision))
+        self.normalize("exclude", list(self.exclude or []))
+        self.normalize("overrides", list(self.overrides or []))
+
+    def _layer_settings(self, precision: str) -> dict:
+        return {"precision": precision, "activations": self.activations, "weight_algorithm": self.weight_algorithm,
+                "group_size": self.group_size or None, "symmetric": self.symmetric, "act_order": self.act_order}
+
+    def _check_layer_plan(self, name: str, **settings) -> None:
+        try:
+            LayerPlan(**settings)
+        except InputError as e:
+            raise OptionError(None, name, getattr(self, name), f"is refused: {e}") from None
 
 
 class PlanUniformPass(LowbitPass):
@@ -26,58 +79,21 @@ class PlanUniformPass(LowbitPass):
 
     In place. An existing plan on the model is kept for layers it names
     (so a fed-back plan or an earlier planner wins), new layers are added.
-
-    Options:
-        precision: precision of every linear: "w8a8", "w8a16", "w4a16", "w4a8" or "fp32".
-        activations: "dynamic" (per-token scales at run time), "dynamic-tensor" (one scale per tensor at run time) or "static" (calibrated, per tensor).
-        tensor_scale_max_bits: with dynamic activations, give a layer one run-time scale per tensor (fewer operators, ORT's DynamicQuantizeMatMul) when calibration shows that costs its input at most this many bits of resolution against per-token scales (0: never).
-        weight_algorithm: "rtn" (absmax), "mse" (clipping searched per scale) or "gptq" (needs calibration data).
-        group_size: weight scales per group of this many input features (a power of two >= 16); 0: per channel.
-        symmetric: symmetric weights (no zero point); false: unsigned codes with zero points.
-        act_order: GPTQ: quantize input features in order of decreasing Hessian diagonal.
-        exclude: glob patterns of layer names kept in fp32.
-        max_outlier_ratio: keep a layer in fp32 when its input's outlier ratio exceeds this (0: never).
-        keep_float_top: keep the N layers with the largest input outlier ratio in fp32 (0: none).
-        output_precision: precision of the output layers (a linear whose result is a graph output, up to
-            reshaping and a bias: the LM head, a classifier); "": the same as every other layer. With 8-bit
-            weights they are per channel and symmetric whatever group_size and symmetric say.
-        overrides: "GLOB=PRECISION" items applied last (the CLI's --override).
+    Static int8 activations need calibration statistics (a ``calibrate``
+    before it); ``max_outlier_ratio`` and ``keep_float_top`` read them too.
+    Options: :class:`PlanOptions`.
     """
 
     name = "plan"
+    Options = PlanOptions
 
-    def __init__(
-        self,
-        *,
-        precision: str = "w8a8",
-        activations: str = "dynamic",
-        tensor_scale_max_bits: float = 0.0,
-        weight_algorithm: str = "rtn",
-        group_size: int = 0,
-        symmetric: bool = True,
-        act_order: bool = False,
-        exclude: list[str] | None = None,
-        max_outlier_ratio: float = 0.0,
-        keep_float_top: int = 0,
-        output_precision: str = "",
-        overrides: list[str] | None = None,
-    ) -> None:
-        super().__init__()
-        self.precision = precision
-        self.activations = activations
-        self.tensor_scale_max_bits = tensor_scale_max_bits
-        self.weight_algorithm = weight_algorithm
-        self.group_size = group_size
-        self.symmetric = symmetric
-        self.act_order = act_order
-        self._layer_plan(precision, "")  # validate
-        self.exclude = list(exclude or [])
-        self.max_outlier_ratio = max_outlier_ratio
-        self.keep_float_top = keep_float_top
-        self.output_precision = output_precision
-        if output_precision:
-            self._layer_plan(output_precision, "")  # validate
-        self.overrides = list(overrides or [])
+    def requires(self, model: ir.Model) -> None:
+        if self.activations == "static" and not self.context.stats and self.precision == "w8a8":
+            raise InputError(self.context.missing_stats("plan (static activation quantization)"))
+
+    def ensures(self, model: ir.Model) -> None:
+        if read_plan(model) is None:
+            raise InputError("plan wrote no plan on the model")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         before = model.metadata_props.get("lowbit.plan")
@@ -118,8 +134,6 @@ class PlanUniformPass(LowbitPass):
             if lp.activations == "dynamic" and lp.activation_bits is not None and lost is not None and lost <= self.tensor_scale_max_bits:
                 lp.activations = "dynamic-tensor"
                 lp.reason = f"{reason}; one activation scale per tensor ({lost:.2f} bits lost)"
-        if self.activations == "static" and not stats and self.precision == "w8a8":
-            raise InputError("static activation quantization needs a calibrate pass before the plan")
         plan.apply_overrides(self.overrides)
         write_plan(model, plan)
         return ir.passes.PassResult(model, model.metadata_props.get("lowbit.plan") != before)

@@ -13,11 +13,16 @@ language model: 49152 x 576 in SmolLM2) shrinks fourfold. An all-zero row gets
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_ir as ir
-from lowbit.compiler.core.irutil import add_initializer, replace_value
-from lowbit.compiler.core.passbase import LowbitPass, carry_debug_id
 from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from lowbit.compiler.core.irutil import add_initializer, replace_value
+from lowbit.compiler.core.options import PassOptions, option
+from lowbit.compiler.core.passbase import LowbitPass, carry_debug_id
+from lowbit.compiler.core.results import PassRecord
 
 
 def quantize_rows(table: np.ndarray, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -29,25 +34,32 @@ def quantize_rows(table: np.ndarray, bits: int = 8) -> tuple[np.ndarray, np.ndar
     return codes, scale
 
 
+@dataclasses.dataclass(frozen=True)
+class QuantizeEmbeddingsOptions(PassOptions):
+    min_bytes: int = option(1 << 20, "leave smaller tables in float (they do not matter for size; every error counts).")
+
+
+@dataclasses.dataclass
+class QuantizeEmbeddingsRecord(PassRecord):
+    quantized: dict[str, dict] = dataclasses.field(default_factory=dict)  # table -> shape, relative error
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # table -> why it stays float
+
+
 class QuantizeEmbeddingsPass(LowbitPass):
     """Store Gather-ed embedding tables as int8 with per-row scales.
 
     In place. Acts on ``Gather`` (axis 0) whose data is a constant float 2-D
-    initializer read by nothing else; others are skipped with a reason.
-
-    Options:
-        min_bytes: leave smaller tables in float (they do not matter for size; every error counts).
+    initializer read by nothing else; others are skipped with a reason (its
+    record: :class:`QuantizeEmbeddingsRecord`). Options:
+    :class:`QuantizeEmbeddingsOptions`.
     """
 
     name = "quantize-embeddings"
-
-    def __init__(self, *, min_bytes: int = 1 << 20) -> None:
-        super().__init__()
-        self.min_bytes = min_bytes
+    Options = QuantizeEmbeddingsOptions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        notes = self.context.notes.setdefault("quantize-embeddings", {"quantized": {}, "skipped": {}})
+        record = QuantizeEmbeddingsRecord()
         modified = False
         for node in list(graph):
             if node.op_type != "Gather" or node.domain != "":
@@ -56,7 +68,7 @@ class QuantizeEmbeddingsPass(LowbitPass):
             reason = self._reason(node, table)
             if reason:
                 if table is not None and table.const_value is not None:
-                    notes["skipped"][table.name] = reason
+                    record.skipped[table.name] = reason
                 continue
             arr = table.const_value.numpy().astype(np.float32)
             codes, scale = quantize_rows(arr)
@@ -78,14 +90,14 @@ class QuantizeEmbeddingsPass(LowbitPass):
             carry_debug_id(node, out)
             replace_value(node.outputs[0], out)
             graph.remove(node, safe=True)
-            notes["quantized"][base] = {
+            record.quantized[base] = {
                 "shape": list(arr.shape),
                 "rel_error": float(np.linalg.norm(codes * scale[:, None] - arr) / max(np.linalg.norm(arr), 1e-30)),
             }
             modified = True
         if modified:
             RemoveUnusedNodesPass()(model)
-        return ir.passes.PassResult(model, modified)
+        return self.result(model, modified, record)
 
     def _reason(self, node: ir.Node, table: ir.Value | None) -> str | None:
         if table is None or table.const_value is None:

@@ -50,12 +50,15 @@ import dataclasses
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
+
 from lowbit.compiler.core.errors import CalibrationError, InputError
 from lowbit.compiler.core.irutil import add_initializer
+from lowbit.compiler.core.options import PassOptions, option
 from lowbit.compiler.core.passbase import LowbitPass
 from lowbit.compiler.core.plan import LayerPlan, read_plan
 from lowbit.compiler.core.progress import progress
 from lowbit.compiler.core.quantized import QuantizedWeight
+from lowbit.compiler.core.results import PassRecord
 from lowbit.passes import gptq
 from lowbit.passes.recognize import find_linears
 
@@ -179,65 +182,69 @@ def activation_qparams(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
     return np.float32(scale), np.uint8(zero_point)
 
 
+@dataclasses.dataclass(frozen=True)
+class QuantizeWeightsOptions(PassOptions):
+    static_percentile: float = option(99.99, "percentile of each sign's values kept by the static activation range.")
+    mse_grid: int = option(20, 'clipping ratios tried by the "mse" weight algorithm (and by GPTQ\'s group fits with '
+                               "gptq_clip_search).")
+    zero_channels: str = option("error", 'an all-zero output channel is "error" (often a broken checkpoint) or '
+                                         '"keep" (quantized exactly to 0).')
+    gptq_percdamp: float = option(0.01, "GPTQ dampening, as a fraction of the mean Hessian diagonal added to it.")
+    gptq_block_size: int = option(128, "GPTQ's lazy-update block (rows of W updated at once).")
+    gptq_clip_search: bool = option(True, "GPTQ fits each group's scale by the MSE clipping search (else absmax).")
+    gptq_weighted_fit: bool = option(True, "that search weights each input feature's error by its Hessian diagonal "
+                                           "(mean x_k^2).")
+    gptq_refit_scales: bool = option(True, "after GPTQ, re-solve each column's group scales by least squares on the "
+                                           "output error.")
+    hessian_memory_mb: float = option(2048, "memory for the Hessian sums gathered at once (more tensors: more passes "
+                                            "over the data).")
+
+    def __post_init__(self) -> None:
+        self.require(self.zero_channels in ("error", "keep"), "zero_channels", "must be 'error' or 'keep'")
+        self.require(0 <= self.gptq_percdamp < 1, "gptq_percdamp", "must be in [0, 1)")
+        self.require(self.gptq_block_size >= 1, "gptq_block_size", "must be positive")
+
+
+@dataclasses.dataclass
+class QuantizeWeightsRecord(PassRecord):
+    """One row per quantized linear: its plan, weight scales and errors (the manifest's layer table)."""
+
+    section = "layers"
+    layers: dict[str, dict] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return self.layers
+
+    def layer_entries(self) -> dict[str, dict]:
+        return self.layers
+
+
 class QuantizeWeightsPass(LowbitPass):
     """Replace planned weights by integer codes + DequantizeLinear; add static activation QDQ.
 
     In place. Requires a plan (a planner pass); static activations need
-    calibration statistics, and layers planned with ``gptq`` need calibration
-    batches in the compile context (the driver provides them).
-
-    Options:
-        static_percentile: percentile of each sign's values kept by the static activation range.
-        mse_grid: clipping ratios tried by the "mse" weight algorithm (and by GPTQ's group fits with gptq_clip_search).
-        zero_channels: an all-zero output channel is "error" (often a broken checkpoint) or "keep" (quantized exactly to 0).
-        gptq_percdamp: GPTQ dampening, as a fraction of the mean Hessian diagonal added to it.
-        gptq_block_size: GPTQ's lazy-update block (rows of W updated at once).
-        gptq_clip_search: GPTQ fits each group's scale by the MSE clipping search (else absmax).
-        gptq_weighted_fit: that search weights each input feature's error by its Hessian diagonal (mean x_k^2).
-        gptq_refit_scales: after GPTQ, re-solve each column's group scales by least squares on the output error.
-        hessian_memory_mb: memory for the Hessian sums gathered at once (more tensors: more passes over the data).
+    calibration statistics (a ``calibrate`` before it), and layers planned with
+    ``gptq`` need calibration batches in the compile context (the driver provides
+    them). Options: :class:`QuantizeWeightsOptions`; record:
+    :class:`QuantizeWeightsRecord`.
     """
 
     name = "quantize-weights"
-
-    def __init__(
-        self,
-        *,
-        static_percentile: float = 99.99,
-        mse_grid: int = 20,
-        zero_channels: str = "error",
-        gptq_percdamp: float = 0.01,
-        gptq_block_size: int = 128,
-        gptq_clip_search: bool = True,
-        gptq_weighted_fit: bool = True,
-        gptq_refit_scales: bool = True,
-        hessian_memory_mb: float = 2048,
-    ) -> None:
-        super().__init__()
-        if zero_channels not in ("error", "keep"):
-            raise ValueError(f"zero_channels must be 'error' or 'keep', not {zero_channels!r}")
-        if not 0 <= gptq_percdamp < 1:
-            raise ValueError(f"gptq_percdamp must be in [0, 1), not {gptq_percdamp!r}")
-        if gptq_block_size < 1:
-            raise ValueError(f"gptq_block_size must be positive, not {gptq_block_size!r}")
-        self.static_percentile = static_percentile
-        self.mse_grid = mse_grid
-        self.zero_channels = zero_channels
-        self.gptq_percdamp = gptq_percdamp
-        self.gptq_block_size = gptq_block_size
-        self.gptq_clip_search = gptq_clip_search
-        self.gptq_weighted_fit = gptq_weighted_fit
-        self.gptq_refit_scales = gptq_refit_scales
-        self.hessian_memory_mb = hessian_memory_mb
+    Options = QuantizeWeightsOptions
 
     def requires(self, model: ir.Model) -> None:
-        if read_plan(model) is None:
+        plan = read_plan(model)
+        if plan is None:
             raise InputError("quantize-weights needs a plan: put a planner pass (e.g. 'plan') before it")
+        static = [name for name, lp in plan.layers.items()
+                  if lp.weight_bits is not None and lp.activation_bits is not None and lp.activations == "static"]
+        if static and not self.context.stats:
+            raise InputError(self.context.missing_stats(f"quantize-weights (static activations of {static[0]})"))
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         plan = read_plan(model)
         graph = model.graph
-        table = self.context.notes.setdefault("layers", {})
+        table: dict[str, dict] = {}
         work = []
         for lin in find_linears(graph)[0]:
             lp = plan.layers.get(lin.name)
@@ -267,7 +274,7 @@ class QuantizeWeightsPass(LowbitPass):
                 entry["act_zero_point"] = int(q.inputs[2].const_value.numpy())
             entry["input"] = lin.x.name  # the calibration statistics of this tensor describe the layer's input
             table[lin.name] = entry
-        return ir.passes.PassResult(model, bool(work))
+        return self.result(model, bool(work), QuantizeWeightsRecord(table))
 
     def _checked_weight(self, lin) -> np.ndarray:
         w = lin.weight_array.astype(np.float32)

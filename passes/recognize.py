@@ -23,11 +23,14 @@ from collections import defaultdict
 
 import numpy as np
 import onnx_ir as ir
-from lowbit.compiler.core.passbase import LAYER_KEY, LowbitPass
 
-ROLE_KEY = "lowbit.role"
-#: role of the MatMuls of an online rotation (``rotate``): constant right operands, but not layers
-ONLINE_HADAMARD = "online_hadamard"
+from lowbit.compiler.core.passbase import (
+    LAYER_KEY,
+    ONLINE_HADAMARD,
+    ROLE_KEY,
+    LowbitPass,
+)
+from lowbit.compiler.core.results import PassRecord
 
 
 @dataclasses.dataclass
@@ -239,12 +242,23 @@ class ResidualStream:
 
 
 
+@dataclasses.dataclass
+class RecognizeRecord(PassRecord):
+    """What ``recognize`` found: the manifest's ``structure``."""
+
+    section = "structure"
+    linears: int
+    norms: int
+    groups: list[list[str]]  # linears sharing an input (Q/K/V, gate/up), by layer name
+    rejected: dict[str, str]  # MatMul -> why it is not a linear
+
+
 class RecognizeStructuresPass(LowbitPass):
     """Tag linears and norms with their layer name and role (metadata only).
 
-    In place. Records rejected MatMuls with the reason in the compile context
-    (``context.notes["recognize"]``) so ``lowbit inspect`` can show why a
-    layer was not quantized.
+    In place. Records rejected MatMuls with the reason (:class:`RecognizeRecord`,
+    the manifest's ``structure``) so ``lowbit inspect`` can show why a layer
+    was not quantized.
     """
 
     name = "recognize"
@@ -259,13 +273,7 @@ class RecognizeStructuresPass(LowbitPass):
             for node in norm.nodes:
                 modified |= _set(node, {LAYER_KEY: norm.name, ROLE_KEY: norm.kind})
         groups = [[lin.name for lin in g] for g in linear_groups(linears) if len(g) > 1]
-        self.context.notes["recognize"] = {
-            "linears": len(linears),
-            "norms": len(norms),
-            "groups": groups,
-            "rejected": rejected,
-        }
-        return ir.passes.PassResult(model, modified)
+        return self.result(model, modified, RecognizeRecord(len(linears), len(norms), groups, rejected))
 
 
 def _set(node: ir.Node, props: dict[str, str]) -> bool:

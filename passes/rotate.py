@@ -65,9 +65,12 @@ import math
 
 import numpy as np
 import onnx_ir as ir
+
 from lowbit.compiler.core.errors import InputError, LowbitError
 from lowbit.compiler.core.irutil import add_initializer
+from lowbit.compiler.core.options import PassOptions, option
 from lowbit.compiler.core.passbase import LowbitPass
+from lowbit.compiler.core.results import PassRecord
 from lowbit.passes.fold_norms import (
     fold_model,
     is_linear,
@@ -513,6 +516,68 @@ def mlp_output_linears(stream: ResidualStream) -> list[ir.Node]:
 # ----------------------------------------------------------------- the pass
 
 
+@dataclasses.dataclass(frozen=True)
+class RotateOptions(PassOptions):
+    seed: int = option(0, "seed of the random signs and of the random orthogonal factors.")
+    per_head_v: bool = option(False, "also rotate each attention head's values by a head-size Hadamard "
+                                     "(v_proj/o_proj).")
+    online_down_proj: bool = option(False, "insert an online Hadamard-like transform on down_proj's input.")
+    head_dim: int = option(0, "head size for per_head_v when the graph's Reshapes do not tell it (0: read it).")
+    strict: bool = option(True, "raise when the model cannot be rotated (False: skip the rotation and record why).")
+    learn_steps: int = option(0, "learn the rotation for this many steps, starting from the randomized Hadamard "
+                                 "(0: the randomized Hadamard as drawn).")
+    learn_objective: str = option(
+        "incoherence", 'what the learning lowers: "incoherence", the kurtosis of the rotated weights\' entries '
+                       '(OptRot; data-free, about a minute on SmolLM2-135M), or "kl", the output KL of the model '
+                       "with round-to-nearest weights on the calibration data (SpinQuant; about ten minutes). The "
+                       'options below apply to "kl" only.')
+    learn_lr: float = option(2e-3, "Adam's learning rate for the rotation's Cayley parameters (cosine decay to 0).")
+    learn_batch: int = option(2, "calibration windows per learning step.")
+    learn_bits: int = option(4, "weight bits of the fake quantizer the rotation is learned against (4 or 8).")
+    learn_group_size: int = option(128, "its group size along the input features (0: per output channel); in a "
+                                        "recipe it follows the plan pass's group_size unless set.")
+
+    def __post_init__(self) -> None:
+        self.require(self.learn_steps >= 0, "learn_steps", "must be >= 0")
+        self.require(self.learn_batch >= 1, "learn_batch", "must be >= 1")
+        self.require(self.learn_lr > 0, "learn_lr", "must be > 0")
+        self.require(self.learn_bits in (4, 8), "learn_bits", "must be 4 or 8")
+        self.require(self.learn_group_size >= 0, "learn_group_size", "must be >= 0")
+        self.require(self.learn_objective in ("kl", "incoherence"), "learn_objective", "must be 'kl' or 'incoherence'")
+
+
+@dataclasses.dataclass
+class RotateRecord(PassRecord):
+    """What ``rotate`` folded and rotated, or why it refused (``strict = false``)."""
+
+    norms_folded: list[str]
+    refused: str | None = None
+    width: int | None = None
+    rotation: str | None = None
+    seed: int | None = None
+    embeddings: list[str] | None = None
+    readers: list[str] | None = None
+    writers: list[str] | None = None
+    per_head_v: dict[str, int] | None = None
+    online_down_proj: dict[str, str] | None = None
+    learned: dict | None = None
+
+    def to_json(self) -> dict:
+        out = {"norms_folded": self.norms_folded}
+        if self.refused is not None:
+            out["refused"] = self.refused
+        if self.width is not None:  # rotated
+            for f in ("width", "rotation", "seed", "embeddings", "readers", "writers", "per_head_v", "online_down_proj"):
+                out[f] = getattr(self, f)
+        if self.learned is not None:
+            out["learned"] = self.learned
+        return out
+
+    @property
+    def clears_stats(self) -> bool:
+        return self.width is not None  # every activation downstream of the embedding changed
+
+
 class RotateResidualStreamPass(LowbitPass):
     """Rotate the residual stream by a randomized Hadamard (or learned) ``Q`` folded into the weights.
 
@@ -520,75 +585,22 @@ class RotateResidualStreamPass(LowbitPass):
     (linears are ``MatMul`` with constant weights), a pre-norm transformer
     with RMSNorm. Norm scales are folded first (the ``fold-norms`` logic),
     so running ``fold-norms`` before is optional. Calibration statistics in
-    the compile context are dropped: run ``calibrate`` after this pass.
-    Where the structure does not allow the rotation, the pass raises
-    ``RotationError`` naming the node (``strict``) or records the reason in
-    ``context.notes["rotate"]`` and leaves the weights unrotated.
-
-    Options:
-        seed: seed of the random signs and of the random orthogonal factors.
-        per_head_v: also rotate each attention head's values by a head-size Hadamard (v_proj/o_proj).
-        online_down_proj: insert an online Hadamard-like transform on down_proj's input.
-        head_dim: head size for per_head_v when the graph's Reshapes do not tell it (0: read it).
-        strict: raise when the model cannot be rotated (False: skip the rotation and record why).
-        learn_steps: learn the rotation for this many steps, starting from the randomized
-            Hadamard (0: the randomized Hadamard as drawn).
-        learn_objective: what the learning lowers: ``"incoherence"``, the kurtosis of the rotated
-            weights' entries (OptRot; data-free, about a minute on SmolLM2-135M), or ``"kl"``,
-            the output KL of the model with round-to-nearest weights on the calibration data
-            (SpinQuant; about ten minutes). The options below apply to ``"kl"`` only.
-        learn_lr: Adam's learning rate for the rotation's Cayley parameters (cosine decay to 0).
-        learn_batch: calibration windows per learning step.
-        learn_bits: weight bits of the fake quantizer the rotation is learned against (4 or 8).
-        learn_group_size: its group size along the input features (0: per output channel); in a
-            recipe it follows the ``plan`` pass's ``group_size`` unless set.
+    the compile context are dropped (the record says so, and every pass that
+    needs statistics then asks for a ``calibrate`` after this one). Where the
+    structure does not allow the rotation, the pass raises ``RotationError``
+    naming the node (``strict``) or records the reason (:class:`RotateRecord`)
+    and leaves the weights unrotated. Options: :class:`RotateOptions`.
     """
 
     name = "rotate"
-
-    def __init__(
-        self,
-        *,
-        seed: int = 0,
-        per_head_v: bool = False,
-        online_down_proj: bool = False,
-        head_dim: int = 0,
-        strict: bool = True,
-        learn_steps: int = 0,
-        learn_objective: str = "incoherence",
-        learn_lr: float = 2e-3,
-        learn_batch: int = 2,
-        learn_bits: int = 4,
-        learn_group_size: int = 128,
-    ) -> None:
-        super().__init__()
-        if learn_steps < 0 or learn_batch < 1 or learn_lr <= 0:
-            raise InputError(f"rotate: learn_steps must be >= 0, learn_batch >= 1 and learn_lr > 0 "
-                              f"(got {learn_steps}, {learn_batch}, {learn_lr})")
-        if learn_bits not in (4, 8) or learn_group_size < 0:
-            raise InputError(f"rotate: learn_bits must be 4 or 8 and learn_group_size >= 0 "
-                              f"(got {learn_bits}, {learn_group_size})")
-        self.learn_steps = learn_steps
-        self.learn_lr = learn_lr
-        self.learn_batch = learn_batch
-        self.learn_bits = learn_bits
-        self.learn_group_size = learn_group_size
-        if learn_objective not in ("kl", "incoherence"):
-            raise InputError(f"rotate: learn_objective must be 'kl' or 'incoherence' (got {learn_objective!r})")
-        self.learn_objective = learn_objective
-        self.seed = seed
-        self.per_head_v = per_head_v
-        self.online_down_proj = online_down_proj
-        self.head_dim = head_dim
-        self.strict = strict
+    Options = RotateOptions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         fold = fold_model(model, self.tag, scales=False)
         for name in fold.changed_values:
             self.context.stats.pop(name, None)
-        notes = {"norms_folded": fold.norms_folded}
-        self.context.notes[self.name] = notes
+        record = RotateRecord(norms_folded=fold.norms_folded)
         try:
             stream = find_residual_stream(graph)
             paths = find_value_paths(graph, self.head_dim) if self.per_head_v else []
@@ -603,8 +615,8 @@ class RotateResidualStreamPass(LowbitPass):
         except RotationError as e:
             if self.strict:
                 raise
-            notes["refused"] = str(e)
-            return ir.passes.PassResult(model, fold.modified)
+            record.refused = str(e)
+            return self.result(model, fold.modified, record)
 
         rng = np.random.default_rng(self.seed)
         q = hadamard_like(stream.width, rng, random_signs=True)
@@ -641,7 +653,8 @@ class RotateResidualStreamPass(LowbitPass):
             online[layer_name(lin)] = f"{len(a)}x{len(a)} ⊗ {len(b)}x{len(b)}"
 
         self.context.stats.clear()  # every activation downstream of the embedding changed
-        notes.update(
+        record = dataclasses.replace(
+            record,
             width=stream.width,
             rotation=_describe(stream.width) + (", learned" if learned and learned["kept"] == "learned" else ""),
             seed=self.seed,
@@ -650,10 +663,9 @@ class RotateResidualStreamPass(LowbitPass):
             writers=[layer_name(w.linear) for w in stream.writers],
             per_head_v={layer_name(lin): p.head_dim for p in paths for lin in (p.v_proj, p.o_proj)},
             online_down_proj=online,
+            learned=learned,
         )
-        if learned is not None:
-            notes["learned"] = learned
-        return ir.passes.PassResult(model, True)
+        return self.result(model, True, record)
 
     def _learn(self, graph: ir.Graph, stream: ResidualStream, start: Rotation) -> tuple[Rotation, dict]:
         """The rotation that :mod:`rotation_learning` keeps for ``learn_objective``, and its notes."""

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 import torch
+
 from lowbit.compiler.core.progress import progress
 from lowbit.compiler.core.torch_graph import check_supported, graph_params, run_graph
 from lowbit.passes.fold_norms import set_constant_input

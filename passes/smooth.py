@@ -48,12 +48,16 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
+
 from lowbit.compiler.core.calibration import observe
 from lowbit.compiler.core.errors import InputError
 from lowbit.compiler.core.irutil import add_initializer
+from lowbit.compiler.core.options import PassOptions, option
 from lowbit.compiler.core.ortsession import session_for
 from lowbit.compiler.core.passbase import LowbitPass
 from lowbit.compiler.core.progress import progress
+from lowbit.compiler.core.results import PassRecord
+from lowbit.passes.calibrate import CalibrateRecord
 from lowbit.passes.quantize_weights import quantize_per_channel
 from lowbit.passes.recognize import (
     Linear,
@@ -417,15 +421,56 @@ class _Group:
         return self.linears[0].x
 
 
+@dataclasses.dataclass(frozen=True)
+class SmoothOptions(PassOptions):
+    alpha: float | None = option(None, "migration strength used for every group; None searches alpha_grid per group.")
+    alpha_grid: list[float] | None = option(None, "alphas tried by the search (each in [0, 1]); None: 0.0, 0.1, .., "
+                                                  "0.9, then the best +-0.05.")
+    max_rows: int = option(512, "calibration rows (tokens) per group the search quantizes, spread over the batches.")
+    max_columns: int = option(1024, "output columns per group the search evaluates (a fixed random subset of wider "
+                                    "groups; columns quantize independently).")
+    bits: int = option(8, "weight bits the search simulates (symmetric, per output channel).")
+    act_granularity: str = option("per-token", 'activation quantization the search simulates: "per-token" (dynamic) '
+                                               'or "per-tensor" (static).')
+    other_uses: str = option("skip", "when X is also read by something other than the group's linears: \"skip\" the "
+                                     'group, or "rescale" (those readers get Mul(X / s, s)).')
+    min_gain: float = option(0.0, "with the search, smooth a group only when its best alpha lowers the simulated "
+                                  "output error by at least this fraction (0: any decrease).")
+
+    def __post_init__(self) -> None:
+        self.require(self.alpha is None or 0.0 <= self.alpha <= 1.0, "alpha", "must be in [0, 1]")
+        grid = list(COARSE_GRID if self.alpha_grid is None else self.alpha_grid)
+        self.require(bool(grid) and all(0.0 <= a <= 1.0 for a in grid), "alpha_grid",
+                     "must be a non-empty list of values in [0, 1]")
+        self.require(self.act_granularity in ("per-token", "per-tensor"), "act_granularity",
+                     "must be 'per-token' or 'per-tensor'")
+        self.require(self.other_uses in ("skip", "rescale"), "other_uses", "must be 'skip' or 'rescale'")
+        self.require(2 <= self.bits <= 8, "bits", "must be in 2..8")
+        self.require(0.0 <= self.min_gain < 1.0, "min_gain", "must be in [0, 1)")
+        self.require(self.max_rows >= 1, "max_rows", "must be positive")
+        self.require(self.max_columns >= 1, "max_columns", "must be positive")
+        self.normalize("alpha_grid", None if self.alpha_grid is None else grid)
+
+
+@dataclasses.dataclass
+class SmoothRecord(PassRecord):
+    """Per group (its linears' names joined by "+"): the absorbing producer, the chosen alpha and the
+    simulated output error before and after, or why it was skipped."""
+
+    smoothed: int
+    skipped: int
+    groups: dict[str, dict]
+
+
 class SmoothActivationsPass(LowbitPass):
     """SmoothQuant: divide linear inputs by per-channel scales folded upstream, multiply weight rows.
 
     In place; keeps the fp32 function (to float rounding). Requires
     calibration statistics of the linear inputs (a ``calibrate`` pass before
-    it) and inferred shapes (``canonicalize``). Per group it records in
-    ``context.notes["smooth"]`` the absorbing producer, the chosen alpha and
-    the simulated output error before and after, or why it was skipped; the
-    statistics of every smoothed input are gathered again.
+    it, after any ``rotate``) and inferred shapes (``canonicalize``). Per group
+    it records (:class:`SmoothRecord`) the absorbing producer, the chosen alpha
+    and the simulated output error before and after, or why it was skipped;
+    the statistics of every smoothed input are gathered again.
 
     Example recipe entry::
 
@@ -433,61 +478,17 @@ class SmoothActivationsPass(LowbitPass):
         pass = "smooth"
         max_rows = 512
 
-    Options:
-        alpha: migration strength used for every group; None searches alpha_grid per group.
-        alpha_grid: alphas tried by the search (each in [0, 1]); None: 0.0, 0.1, .., 0.9, then the best +-0.05.
-        max_rows: calibration rows (tokens) per group the search quantizes, spread over the batches.
-        max_columns: output columns per group the search evaluates (a fixed random subset of wider groups; columns quantize independently).
-        bits: weight bits the search simulates (symmetric, per output channel).
-        act_granularity: activation quantization the search simulates: "per-token" (dynamic) or "per-tensor" (static).
-        other_uses: when X is also read by something other than the group's linears: "skip" the group, or "rescale" (those readers get Mul(X / s, s)).
-        min_gain: with the search, smooth a group only when its best alpha lowers the simulated output error by at least this fraction (0: any decrease).
+    Options: :class:`SmoothOptions`.
     """
 
     name = "smooth"
-
-    def __init__(
-        self,
-        *,
-        alpha: float | None = None,
-        alpha_grid: list[float] | None = None,
-        max_rows: int = 512,
-        max_columns: int = 1024,
-        bits: int = 8,
-        act_granularity: str = "per-token",
-        other_uses: str = "skip",
-        min_gain: float = 0.0,
-    ) -> None:
-        super().__init__()
-        grid = list(COARSE_GRID if alpha_grid is None else alpha_grid)
-        if alpha is not None and not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], not {alpha}")
-        if not grid or any(not 0.0 <= a <= 1.0 for a in grid):
-            raise ValueError(f"alpha_grid must be a non-empty list of values in [0, 1], not {alpha_grid}")
-        if act_granularity not in ("per-token", "per-tensor"):
-            raise ValueError(f"act_granularity must be 'per-token' or 'per-tensor', not {act_granularity!r}")
-        if other_uses not in ("skip", "rescale"):
-            raise ValueError(f"other_uses must be 'skip' or 'rescale', not {other_uses!r}")
-        if not 2 <= bits <= 8:
-            raise ValueError(f"bits must be in 2..8, not {bits}")
-        if not 0.0 <= min_gain < 1.0:
-            raise ValueError(f"min_gain must be in [0, 1), not {min_gain}")
-        if max_rows < 1 or max_columns < 1:
-            raise ValueError(f"max_rows and max_columns must be positive, not {max_rows}, {max_columns}")
-        self.alpha = alpha
-        self.alpha_grid = None if alpha_grid is None else grid
-        self.max_columns = max_columns
-        self.max_rows = max_rows
-        self.bits = bits
-        self.act_granularity = act_granularity
-        self.other_uses = other_uses
-        self.min_gain = min_gain
+    Options = SmoothOptions
 
     def requires(self, model: ir.Model) -> None:
         if not find_linears(model.graph)[0]:
             return  # nothing to smooth (the planner names that problem)
         if not self.context.stats:
-            raise InputError("smooth needs calibration statistics: put a 'calibrate' pass before it")
+            raise InputError(self.context.missing_stats("smooth"))
         if not self.context.calibration_batches:
             raise InputError("smooth needs calibration data to search alpha")
 
@@ -499,7 +500,8 @@ class SmoothActivationsPass(LowbitPass):
         groups = [self._analyse(graph, g, norms, tracer) for g in linear_groups(linears)]
         ready = [g for g in groups if g.fold is not None]
 
-        n_cal = self.context.notes.get("calibrate", {}).get("batches") or len(self.context.calibration_batches)
+        calibrated = self.context.results.latest(CalibrateRecord)  # the batches the statistics describe
+        n_cal = (calibrated.batches if calibrated else 0) or len(self.context.calibration_batches)
         batches = self.context.calibration_batches[:n_cal]
         rows = _sample_rows(model, [g.x.name for g in ready], batches, self.max_rows)
 
@@ -518,12 +520,7 @@ class SmoothActivationsPass(LowbitPass):
         if smoothed:  # X / s has new ranges: the planner and static activations must see them
             names = [g.x.name for g in smoothed]
             self.context.stats.update(observe(model, names, batches, show_progress=self.context.progress))
-        self.context.notes["smooth"] = {
-            "smoothed": len(smoothed),
-            "skipped": len(groups) - len(smoothed),
-            "groups": records,
-        }
-        return ir.passes.PassResult(model, bool(smoothed))
+        return self.result(model, bool(smoothed), SmoothRecord(len(smoothed), len(groups) - len(smoothed), records))
 
     def _analyse(self, graph: ir.Graph, linears: list[Linear], norms: dict[int, Norm], tracer: _Tracer) -> _Group:
         g = _Group(linears)

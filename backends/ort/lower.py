@@ -4,8 +4,8 @@ Input: linears whose weight is ``DequantizeLinear(codes, scale[, zero_point])``
 (from ``quantize-weights``: per channel ``axis=1``, or blocked ``axis=0,
 block_size=g``; int8/uint8/int4/uint4 codes), the plan on the model, and for
 static activations a ``QuantizeLinear -> DequantizeLinear`` pair on the input.
-Output, per layer, the pattern measured fastest (``benchmarks/ort_linear_kernels.py``
-for int8, ``benchmarks/ort_nbits_kernels.py`` for 4-bit; see
+Output, per layer, the pattern measured fastest (``benchmarks/kernels/ort_linear_kernels.py``
+for int8, ``benchmarks/kernels/ort_nbits_kernels.py`` for 4-bit; see
 ``lowbit.backends.ort.qlinear`` and ``lowbit.backends.ort.nbits``):
 
 * int8 per-channel symmetric weights with int8 activations (W8A8):
@@ -44,8 +44,16 @@ eliminated. The backend only lowers: precision and modes come from the plan.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import (
+    CommonSubexpressionEliminationPass,
+    DeduplicateInitializersPass,
+    RemoveUnusedNodesPass,
+)
+
 from lowbit.backends.ort import nbits
 from lowbit.backends.ort.qlinear import (
     emit_dynamic_per_tensor_linear,
@@ -54,19 +62,16 @@ from lowbit.backends.ort.qlinear import (
 )
 from lowbit.compiler.core.errors import InputError
 from lowbit.compiler.core.irutil import replace_value
+from lowbit.compiler.core.options import PassOptions, option
 from lowbit.compiler.core.passbase import LAYER_KEY, LowbitPass, carry_debug_id
 from lowbit.compiler.core.plan import read_plan
 from lowbit.compiler.core.quantized import (
     QuantizedWeight,
     planned_linears,
-    record_kernel,
+    require_quantized,
     static_activation,
 )
-from onnx_ir.passes.common import (
-    CommonSubexpressionEliminationPass,
-    DeduplicateInitializersPass,
-    RemoveUnusedNodesPass,
-)
+from lowbit.compiler.core.results import PassRecord, internal
 
 
 def nbits_layout(qw: QuantizedWeight) -> tuple[int, np.ndarray, np.ndarray | None] | None:
@@ -92,36 +97,55 @@ def nbits_layout(qw: QuantizedWeight) -> tuple[int, np.ndarray, np.ndarray | Non
     return block, scale, zero
 
 
+@dataclasses.dataclass(frozen=True)
+class LowerORTOptions(PassOptions):
+    token_zero_point: str = option(
+        "shared", 'zero point of per-token activations: "shared" (one per tensor, calibrated from the rows\' ranges: '
+                  'no correction pass after the GEMM), "per-token" (exact range of every row, plus a correction '
+                  'pass), or "symmetric" (128).')
+    weight_only_accuracy_level: int = option(
+        nbits.ACCURACY_FP32, "MatMulNBits accuracy_level for 4-bit weight-only layers (0/1 fp32, 4 int8 "
+                             "activations: faster prefill, not W4A16).")
+    w4a8_kernel: str = option(
+        "nbits", '"nbits" (MatMulNBits, int8 activations per row and block: fastest at T=1, most exact) or '
+                 '"int8-gemm" (per-channel symmetric 4-bit codes stored as int8 with per-token activations: ~2x '
+                 'faster at T=128, twice the weight bytes; other 4-bit weights stay on "nbits").')
+
+    def __post_init__(self) -> None:
+        self.require(self.weight_only_accuracy_level in (0, 1, 2, 3, 4), "weight_only_accuracy_level", "must be 0-4")
+        self.require(self.w4a8_kernel in ("nbits", "int8-gemm"), "w4a8_kernel", "must be 'nbits' or 'int8-gemm'")
+        self.require(self.token_zero_point in ("shared", "per-token", "symmetric"), "token_zero_point",
+                     "must be 'shared', 'per-token' or 'symmetric'")
+
+
+@dataclasses.dataclass
+class LowerORTRecord(PassRecord):
+    """Layers lowered, per kernel; layers kept in QDQ form, with the reason."""
+
+    lowered: int
+    kernels: dict[str, int]
+    kept_qdq: dict[str, str]
+    by_layer: dict[str, str] = internal(default_factory=dict)  # layer (a fused group's first) -> kernel
+
+    def layer_kernels(self) -> dict[str, str]:
+        return self.by_layer
+
+
 class LowerToORTPass(LowbitPass):
     """Rewrite planned quantized linears into ONNX Runtime's integer kernels.
 
-    In place. Requires ``quantize-weights`` to have run (QDQ weights) and a plan.
-
-    Options:
-        token_zero_point: zero point of per-token activations: "shared" (one per tensor, calibrated from the rows' ranges: no correction pass after the GEMM), "per-token" (exact range of every row, plus a correction pass), or "symmetric" (128).
-        weight_only_accuracy_level: MatMulNBits accuracy_level for 4-bit weight-only layers (0/1 fp32, 4 int8 activations: faster prefill, not W4A16).
-        w4a8_kernel: "nbits" (MatMulNBits, int8 activations per row and block: fastest at T=1, most exact) or "int8-gemm" (per-channel symmetric 4-bit codes stored as int8 with per-token activations: ~2x faster at T=128, twice the weight bytes; other 4-bit weights stay on "nbits").
+    In place. Requires a plan and ``quantize-weights`` to have run (QDQ
+    weights), and default opset >= 13. Options: :class:`LowerORTOptions`;
+    record: :class:`LowerORTRecord`.
     """
 
     name = "lower-ort"
+    Options = LowerORTOptions
 
-    def __init__(
-        self,
-        *,
-        token_zero_point: str = "shared",
-        weight_only_accuracy_level: int = nbits.ACCURACY_FP32,
-        w4a8_kernel: str = "nbits",
-    ) -> None:
-        super().__init__()
-        if weight_only_accuracy_level not in (0, 1, 2, 3, 4):
-            raise ValueError(f"weight_only_accuracy_level must be 0-4, not {weight_only_accuracy_level!r}")
-        if w4a8_kernel not in ("nbits", "int8-gemm"):
-            raise ValueError(f"w4a8_kernel must be 'nbits' or 'int8-gemm', not {w4a8_kernel!r}")
-        if token_zero_point not in ("shared", "per-token", "symmetric"):
-            raise ValueError(f"token_zero_point must be 'shared', 'per-token' or 'symmetric', not {token_zero_point!r}")
-        self.token_zero_point = token_zero_point
-        self.weight_only_accuracy_level = weight_only_accuracy_level
-        self.w4a8_kernel = w4a8_kernel
+    def requires(self, model: ir.Model) -> None:
+        require_quantized(model.graph, read_plan(model), self.name)
+        if model.graph.opset_imports.get("", 0) < 13:
+            raise InputError(f"lower-ort needs default opset >= 13, the model has {model.graph.opset_imports.get('')}")
 
     def _token_zero_point(self, x: ir.Value) -> dict:
         if self.token_zero_point == "symmetric":
@@ -132,12 +156,8 @@ class LowerToORTPass(LowbitPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         plan = read_plan(model)
-        if plan is None:
-            raise InputError("lower-ort needs a plan: put a planner pass and quantize-weights before it")
-        if model.graph.opset_imports.get("", 0) < 13:
-            raise InputError(f"lower-ort needs default opset >= 13, the model has {model.graph.opset_imports.get('')}")
         graph = model.graph
-        layers_notes = self.context.notes.get("layers", {})
+        by_layer: dict[str, str] = {}
         kernels: dict[str, int] = {}
         kept: dict[str, str] = {}
         for node, layer, lp, qw in planned_linears(graph, plan):
@@ -149,7 +169,7 @@ class LowerToORTPass(LowbitPass):
             replace_value(node.outputs[0], y)
             graph.remove(node, safe=True)
             kernels[kernel] = kernels.get(kernel, 0) + 1
-            record_kernel(layers_notes, layer, kernel)
+            by_layer[layer] = kernel
         lowered = sum(kernels.values())
         if lowered:
             for n in graph:
@@ -159,8 +179,7 @@ class LowerToORTPass(LowbitPass):
             DeduplicateInitializersPass()(model)
             CommonSubexpressionEliminationPass()(model)
             RemoveUnusedNodesPass()(model)
-        self.context.notes["lower-ort"] = {"lowered": lowered, "kernels": kernels, "kept_qdq": kept}
-        return ir.passes.PassResult(model, lowered > 0)
+        return self.result(model, lowered > 0, LowerORTRecord(lowered, kernels, kept, by_layer))
 
     def _lower(self, graph: ir.Graph, node: ir.Node, layer: str, lp, qw: QuantizedWeight) -> tuple[ir.Value | None, str]:
         """The lowered output and a kernel label; (None, reason) when the QDQ pair stays."""

@@ -5,7 +5,7 @@ provider runs fastest for ``y = x @ W`` with an int8 weight (symmetric, per outp
 and returns the float output value. The caller then replaces every use of the original MatMul
 output with the returned value and removes the MatMul.
 
-The patterns were chosen by measurement (``benchmarks/ort_linear_kernels.py``; ORT 1.32,
+The patterns were chosen by measurement (``benchmarks/kernels/ort_linear_kernels.py``; ORT 1.32,
 x86-64 with AVX512-VNNI, 2 threads, SmolLM2-135M shapes). What the measurements say:
 
 * Activations must be **uint8**. MLAS on x86 has U8S8 int8 GEMM kernels; int8 activations

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
 from lowbit.compiler.core.artifact import MODEL, load_manifest
 from lowbit.compiler.core.errors import InputError
 from lowbit.compiler.core.evaluate import greedy

@@ -12,9 +12,10 @@ One module per concern:
 * ``tune``: MetaSchedule tuning of the quantized matmuls at static sequence lengths
   (``--tune``): specialised entry functions, the tuning database, applying its records.
 * ``cuda``: nvcc, the embedded fatbin, PTX inspection.
-* ``artifact``: the driver's side (recipe swap, build into the artifact, evaluation session).
+* ``backend``: the ``Backend`` object (``lowbit.backends`` entry point ``tvm``): checks, recipe
+  swap, which layer plans the kernels run, build into the artifact, evaluation session, loading.
 * ``runtime``: loading and running an artifact with the TVM runtime alone.
 
-Only ``ops``, ``lower`` and ``runtime`` import without TVM's compiler; the others need
+Only ``ops``, ``lower``, ``backend`` and ``runtime`` import without TVM's compiler; the others need
 ``pip install 'lowbit[tvm]'``.
 """

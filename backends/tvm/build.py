@@ -48,12 +48,13 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 import tvm
+from tvm import relax, tirx
+from tvm.relax.dpl import GlobalVarPattern, TuplePattern, is_op, wildcard
+
 from lowbit.backends.tvm import kernels, mma, targets
 from lowbit.backends.tvm.relax_import import to_relax, unify_symbolic_vars
 from lowbit.backends.tvm.schedule import default_schedule, dlight_rules  # noqa: F401 - build.default_schedule is public
 from lowbit.compiler.core.errors import InputError
-from tvm import relax, tirx
-from tvm.relax.dpl import GlobalVarPattern, TuplePattern, is_op, wildcard
 
 logger = logging.getLogger("lowbit")
 LIB = "lib.so"

@@ -26,20 +26,25 @@ the plan; the pass is numpy only and needs no TVM.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
 from lowbit.backends.tvm import ops
 from lowbit.compiler.core.errors import InputError
 from lowbit.compiler.core.irutil import add_initializer, replace_value
+from lowbit.compiler.core.options import PassOptions, option
 from lowbit.compiler.core.passbase import LowbitPass, carry_debug_id
 from lowbit.compiler.core.plan import read_plan
 from lowbit.compiler.core.quantized import (
     QuantizedWeight,
     planned_linears,
-    record_kernel,
+    require_quantized,
     static_activation,
 )
-from onnx_ir.passes.common import RemoveUnusedNodesPass
+from lowbit.compiler.core.results import PassRecord, internal
 
 
 def is_lowered(model: ir.Model) -> bool:
@@ -47,33 +52,49 @@ def is_lowered(model: ir.Model) -> bool:
     return any(n.domain == ops.DOMAIN for n in model.graph)
 
 
+@dataclasses.dataclass(frozen=True)
+class LowerTVMOptions(PassOptions):
+    token_zero_point: str = option(
+        "shared", 'zero point of per-token int8 activations: "shared" (one per tensor, calibrated from the rows\' '
+                  'ranges), "per-token" (exact range of every row) or "symmetric" (128); as lower-ort\'s option of '
+                  "the same name.")
+
+    def __post_init__(self) -> None:
+        self.require(self.token_zero_point in ("shared", "per-token", "symmetric"), "token_zero_point",
+                     "must be 'shared', 'per-token' or 'symmetric'")
+
+
+@dataclasses.dataclass
+class LowerTVMRecord(PassRecord):
+    """Layers lowered, per kernel."""
+
+    lowered: int
+    kernels: dict[str, int]
+    by_layer: dict[str, str] = internal(default_factory=dict)  # layer (a fused group's first) -> kernel
+
+    def layer_kernels(self) -> dict[str, str]:
+        return self.by_layer
+
+
 class LowerToTVMPass(LowbitPass):
     """Rewrite planned quantized linears into the ``lowbit.tvm`` operators TVM compiles.
 
-    In place. Requires ``quantize-weights`` to have run (QDQ weights) and a plan. The
+    In place. Requires a plan and ``quantize-weights`` to have run (QDQ weights). The
     result is no longer runnable by ONNX Runtime: the TVM backend
-    (``lowbit compile --backend tvm``) builds it.
-
-    Options:
-        token_zero_point: zero point of per-token int8 activations: "shared" (one per tensor, calibrated from the rows' ranges), "per-token" (exact range of every row) or "symmetric" (128); as lower-ort's option of the same name.
+    (``lowbit compile --backend tvm``) builds it. Options: :class:`LowerTVMOptions`;
+    record: :class:`LowerTVMRecord`.
     """
 
     name = "lower-tvm"
-
-    def __init__(self, *, token_zero_point: str = "shared") -> None:
-        super().__init__()
-        if token_zero_point not in ("shared", "per-token", "symmetric"):
-            raise ValueError(f"token_zero_point must be 'shared', 'per-token' or 'symmetric', not {token_zero_point!r}")
-        self.token_zero_point = token_zero_point
+    Options = LowerTVMOptions
 
     def requires(self, model: ir.Model) -> None:
-        if read_plan(model) is None:
-            raise InputError("lower-tvm needs a plan: put a planner pass and quantize-weights before it")
+        require_quantized(model.graph, read_plan(model), self.name)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         plan = read_plan(model)
         graph = model.graph
-        layers_notes = self.context.notes.get("layers", {})
+        by_layer: dict[str, str] = {}
         kernels: dict[str, int] = {}
         for node, layer, lp, qw in planned_linears(graph, plan):
             y, kernel = self._lower(graph, node, layer, lp, qw)
@@ -82,14 +103,13 @@ class LowerToTVMPass(LowbitPass):
             replace_value(node.outputs[0], y)
             graph.remove(node, safe=True)
             kernels[kernel] = kernels.get(kernel, 0) + 1
-            record_kernel(layers_notes, layer, kernel)
+            by_layer[layer] = kernel
         lowered = sum(kernels.values())
         if lowered:
             graph.opset_imports[ops.DOMAIN] = 1
             model.opset_imports[ops.DOMAIN] = 1
             RemoveUnusedNodesPass()(model)
-        self.context.notes["lower-tvm"] = {"lowered": lowered, "kernels": kernels}
-        return ir.passes.PassResult(model, lowered > 0)
+        return self.result(model, lowered > 0, LowerTVMRecord(lowered, kernels, by_layer))
 
     def _lower(self, graph: ir.Graph, node: ir.Node, layer: str, lp, qw: QuantizedWeight) -> tuple[ir.Value, str]:
         x = node.inputs[0]

@@ -43,10 +43,11 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 import tvm
-from lowbit.backends.tvm import kernels, ops
-from lowbit.compiler.core.errors import InputError
 from tvm import relax, tirx
 from tvm.relax.frontend.onnx import onnx_frontend as _onnx
+
+from lowbit.backends.tvm import kernels, ops
+from lowbit.compiler.core.errors import InputError
 
 PARAM_MIN_ELEMENTS = 64
 #: ops whose converters accept a shape value (a PrimExpr) as an input

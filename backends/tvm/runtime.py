@@ -43,6 +43,8 @@ import numpy as np
 MANIFEST = "manifest.json"
 LIB = "lib.so"
 PARAMS = "params.bin"
+#: the manifest's "backend" for these artifacts (``TVMBackend.name``)
+BACKEND = "tvm"
 
 _IO = namedtuple("_IO", "name shape type")
 
@@ -66,11 +68,11 @@ class TVMModel:
             if not path.is_file():
                 raise _error(f"{folder} is not a lowbit artifact (no {MANIFEST})")
             self.manifest = json.loads(path.read_text())
-            if self.manifest.get("backend") != "tvm":
+            if self.manifest.get("backend") != BACKEND:
                 raise _error(f"{folder} is a {self.manifest.get('backend', 'onnxruntime')} artifact, not a TVM one")
         else:
-            self.manifest = {"backend": "tvm", "tvm": meta}
-        meta = self.manifest["tvm"]
+            self.manifest = {"backend": BACKEND, BACKEND: meta}
+        meta = self.manifest[BACKEND]
         import tvm
         from tvm.runtime.vm import VirtualMachine
 

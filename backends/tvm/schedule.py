@@ -5,8 +5,9 @@ Shared by the build and by tuning (which times tuned kernels against these)."""
 from __future__ import annotations
 
 import tvm
-from lowbit.backends.tvm import cpu
 from tvm import tirx
+
+from lowbit.backends.tvm import cpu
 
 
 def dlight_rules(target: tvm.target.Target) -> list:

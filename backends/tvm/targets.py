@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tvm
+
 from lowbit.compiler.core.errors import InputError
 
 TARGETS = ("llvm", "cuda")

@@ -38,9 +38,10 @@ from typing import Any
 
 import numpy as np
 import tvm
+from tvm import relax, tirx
+
 from lowbit.backends.tvm.schedule import default_schedule as build_default
 from lowbit.compiler.core.errors import InputError
-from tvm import relax, tirx
 
 logger = logging.getLogger("lowbit")
 DEFAULT_SEQ_LENS = (1, 128)

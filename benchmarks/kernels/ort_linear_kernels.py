@@ -37,9 +37,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
-from lowbit.backends.ort import qlinear
-from lowbit.backends.ort.qlinear import NodeBuilder
-from lowbit.compiler.analysis.costs import cpu_model
 
 from benchmarks.harness import (
     OUT,
@@ -51,6 +48,9 @@ from benchmarks.harness import (
     tree_line,
     write_json,
 )
+from lowbit.backends.ort import qlinear
+from lowbit.backends.ort.qlinear import NodeBuilder
+from lowbit.compiler.analysis.costs import cpu_model
 
 FLOAT = ir.DataType.FLOAT
 SHAPES = [(576, 576), (576, 1536), (1536, 576)]  # SmolLM2-135M: attn proj, up/gate, down

@@ -47,11 +47,6 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from lowbit.backends.ort import nbits, qlinear
-from lowbit.backends.ort.qlinear import NodeBuilder
-from lowbit.compiler.analysis.costs import cpu_model
-from lowbit.passes.quantize_weights import QuantizedWeight, _storage, quantize_weight
-
 from benchmarks.harness import (
     OUT,
     CacheFlusher,
@@ -68,6 +63,10 @@ from benchmarks.kernels.ort_linear_kernels import (  # shared measurement helper
     realistic_activations,
     rel_err,
 )
+from lowbit.backends.ort import nbits, qlinear
+from lowbit.backends.ort.qlinear import NodeBuilder
+from lowbit.compiler.analysis.costs import cpu_model
+from lowbit.passes.quantize_weights import QuantizedWeight, _storage, quantize_weight
 
 FLOAT = ir.DataType.FLOAT
 SHAPES = [(576, 576), (576, 1536), (1536, 576)]

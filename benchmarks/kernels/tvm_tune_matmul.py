@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
 
     import tvm
+
     from lowbit.backends.tvm import tune
 
     name, func, fused, tgt = fused_kernel(args.k, args.n, args.seq_len)

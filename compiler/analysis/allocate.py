@@ -28,6 +28,7 @@ import re
 from collections.abc import Sequence
 
 import numpy as np
+
 from lowbit.compiler.core.errors import InputError
 
 _UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}

@@ -29,12 +29,14 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
 from lowbit.backends.ort.lower import LowerToORTPass
 from lowbit.compiler.core.errors import InputError
 from lowbit.compiler.core.passbase import LAYER_KEY, CompileContext
 from lowbit.compiler.core.plan import PRECISIONS, LayerPlan, Plan, write_plan
+from lowbit.compiler.core.registry import resolve_pass
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
-from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +117,7 @@ def lower_linear(
     lower_options: Mapping[str, Any] | None = None,
     quantize_options: Mapping[str, Any] | None = None,
     quantized: dict | None = None,
+    lowering: str = "lower-ort",
 ) -> ir.Model:
     """``y = x @ weight`` compiled as ``candidate``: a standalone model with input ``input_name``
     (``[batch, seq, K]`` float) and output ``y``.
@@ -124,7 +127,9 @@ def lower_linear(
     tensor name) give ``lower-ort`` the shared per-token zero point of ``input_name``;
     ``hessian`` (``X^T X / T`` of the layer's input) serves GPTQ. ``quantized``: a dict
     that keeps each quantized weight, so candidates differing only in their kernel (W4A16
-    and W4A8 of one group size) quantize once.
+    and W4A8 of one group size) quantize once. ``lowering``: the lowering pass by registry
+    name (a backend's ``lowering``; another one than ``lower-ort`` may leave a model ORT
+    cannot run, whose bytes still count).
     """
     w = np.ascontiguousarray(weight, dtype=np.float32)
     k, n = w.shape
@@ -155,7 +160,7 @@ def lower_linear(
         qw(model)
         if quantized is not None:
             quantized[key] = ir.to_proto(model)
-    lower = LowerToORTPass(**dict(lower_options or {}))
+    lower = (LowerToORTPass if lowering == "lower-ort" else resolve_pass(lowering))(**dict(lower_options or {}))
     lower.context = context
     lower(model)
     # a layer the lowering leaves in QDQ form (w8a16) still holds its float weight: drop it, as

@@ -9,10 +9,15 @@ running it on ``[1, T, K]`` inputs with a fixed thread count, minus the time of
 the same session running an empty model (the fixed cost of a call, paid once per
 model run, not once per layer).
 
+The lowering is the compile's backend's (``Backend.lowering``): bytes are those of
+the layouts that backend stores. Latency is measured only for a backend whose
+lowered linear runs in ONNX Runtime (``Backend.measures_latency``: ONNX Runtime
+itself); for another (TVM) the table holds bytes, and ``ms`` is None.
+
 Results go into a cost table, a JSON file a user can keep and reuse across models
 (shapes recur: every Llama of hidden size 576 has the same projections). Entries
-are keyed by backend, ONNX Runtime version, CPU, threads, T, K, N and candidate:
-numbers from another machine are never mixed in. Default location:
+are keyed by backend (``Backend.cost_key``: ONNX Runtime with its version), CPU,
+threads, T, K, N and candidate: numbers from another machine are never mixed in. Default location:
 ``~/.cache/lowbit/costs.json`` (``$LOWBIT_CACHE`` moves the folder).
 """
 
@@ -29,7 +34,9 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
+
 from lowbit.compiler.analysis.candidates import Candidate, lower_linear, weight_bytes
+from lowbit.compiler.core.backend import Backend, get_backend
 from lowbit.compiler.core.calibration import TensorObserver
 from lowbit.compiler.core.ortsession import session_for
 
@@ -46,10 +53,11 @@ def default_cost_table() -> Path:
     return Path(os.environ.get("LOWBIT_CACHE") or Path.home() / ".cache" / "lowbit") / "costs.json"
 
 
-def device_key(threads: int) -> str:
-    """The machine an entry was measured on: backend, versions, CPU model, threads."""
+def device_key(threads: int, kernels: str | None = None) -> str:
+    """The machine an entry was measured on: backend (``kernels``, a ``Backend.cost_key``; default
+    ONNX Runtime's), versions, CPU model, threads."""
     cpu = cpu_model()
-    return f"{BACKEND}-{ort.__version__}|{platform.machine()}|{cpu}|threads={threads}"
+    return f"{kernels or f'{BACKEND}-{ort.__version__}'}|{platform.machine()}|{cpu}|threads={threads}"
 
 
 def cpu_model() -> str:
@@ -67,13 +75,18 @@ class CostTable:
     """Bytes and latency per (shape, candidate, T), measured on demand and kept in ``path``.
 
     ``path`` None keeps results in memory only. ``opset_imports`` are the model's (the
-    lowering's form of quantization depends on the opset).
+    lowering's form of quantization depends on the opset). ``backend``: whose lowering is
+    weighed and, where it runs in ONNX Runtime, timed (default ONNX Runtime).
     """
 
-    def __init__(self, path: str | Path | None, *, threads: int = 2, opset_imports: dict[str, int] | None = None) -> None:
+    def __init__(self, path: str | Path | None, *, threads: int = 2, opset_imports: dict[str, int] | None = None,
+                 backend: Backend | str | None = None) -> None:
         self.path = None if path is None else Path(path)
         self.threads = threads
-        self.device = device_key(threads)
+        self.backend = get_backend(backend)
+        #: whether latencies can be measured (the backend's lowered linears run in ONNX Runtime)
+        self.times = self.backend.measures_latency
+        self.device = device_key(threads, self.backend.cost_key())
         self.opset_imports = dict(opset_imports or {"": 21})
         self.entries: dict[str, dict[str, Any]] = {}
         self.measured = 0
@@ -96,13 +109,14 @@ class CostTable:
     def get(self, shape: tuple[int, int], cand: Candidate, seq_len: int, *, latency: bool = True) -> dict[str, Any]:
         """``{"bytes": int, "ms": float | None}`` for a ``shape = (K, N)`` linear as ``cand``."""
         key = self._key(shape, cand, seq_len)
+        latency = latency and self.times
         entry = self.entries.get(key)
         if entry is not None and (entry.get("ms") is not None or not latency):
             self.reused += 1
             return entry
         start = time.perf_counter()
         entry = measure_linear(shape, cand, seq_len, threads=self.threads, opset_imports=self.opset_imports,
-                               latency=latency)
+                               latency=latency, lowering=self.backend.lowering)
         self.seconds += time.perf_counter() - start
         self.measured += 1
         self.entries[key] = entry
@@ -149,8 +163,10 @@ def measure_linear(
     threads: int = 2,
     opset_imports: dict[str, int] | None = None,
     latency: bool = True,
+    lowering: str = "lower-ort",
 ) -> dict[str, Any]:
-    """Bytes and median latency (ms, call overhead not removed) of one lowered linear."""
+    """Bytes and median latency (ms, call overhead not removed) of one linear lowered by ``lowering``
+    (latency: the lowered model must run in ONNX Runtime)."""
     k, n = shape
     rng = np.random.default_rng(k * 7919 + n)
     w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
@@ -159,7 +175,7 @@ def measure_linear(
     obs.update(x)  # gives the per-token kernel its calibrated (shared) zero point, as in a compile
     lp = cand.layer_plan(weight_algorithm_4bit="rtn")  # the algorithm changes values, not bytes or speed
     micro = lower_linear(w, cand, layer="bench", input_name="x", opset_imports=opset_imports or {"": 21},
-                         layer_plan=lp, stats={"x": obs})
+                         layer_plan=lp, stats={"x": obs}, lowering=lowering)
     entry: dict[str, Any] = {"bytes": weight_bytes(micro), "weights": k * n, "ms": None}
     if latency:
         session = session_for(micro, threads=threads)
@@ -192,7 +208,9 @@ def layer_costs(
     load the fp32 GEMMs slow down more than the int8 ones. Before reusing latencies, the
     fp32 entry of the largest shape is timed again; if it moved by more than
     ``STALE_FACTOR``, this model's entries are measured afresh (``table.remeasured``).
+    A table whose backend is not timed (``table.times`` False) gives bytes only.
     """
+    latency = latency and table.times
     if latency and shapes:
         probe = max(dict.fromkeys(shapes), key=lambda s: s[0] * s[1])
         fp32 = Candidate("fp32")

@@ -3,7 +3,9 @@
 Policy only, like ``plan``: the pass writes a plan and rewrites nothing.
 
 1. **Candidates** (``lowbit.compiler.analysis.candidates``): fp32, W8A8, W8A16, W4A16 and W4A8
-   at group sizes 32 and 128: what ``lower-ort`` runs.
+   at group sizes 32 and 128: what ``lower-ort`` runs. Only those the compile's backend
+   runs are offered (``context.backend``, a ``core.backend.Backend``: its ``supports``;
+   TVM drops W4A8); the notes say which were dropped and why, and whose costs were used.
 2. **Sensitivity** (``lowbit.compiler.analysis.sensitivity``): for every (layer, candidate),
    the final-output KL divergence from fp32 (and the change of the next-token
    NLL) on calibration data when only that layer takes that candidate, measured
@@ -12,9 +14,12 @@ Policy only, like ``plan``: the pass writes a plan and rewrites nothing.
    fp32 prefix is fed, not recomputed). Cached on disk by model, weights,
    candidates and data. ``sensitivity = "scaled"`` measures one candidate per layer
    and scales it to the others by their local output errors (one run per layer).
-3. **Cost** (``lowbit.compiler.analysis.costs``): bytes of each lowered candidate, and its
-   latency for the layer's shape measured by ORT micro-benchmarks at
-   ``latency_seq_len`` tokens, in a reusable cost table.
+3. **Cost** (``lowbit.compiler.analysis.costs``): bytes of each candidate lowered by the
+   backend's lowering pass, and, for a backend whose kernels run in ONNX Runtime
+   (``Backend.measures_latency``), its latency for the layer's shape measured by ORT
+   micro-benchmarks at ``latency_seq_len`` tokens, in a reusable cost table. (The
+   sensitivities are measured on ``lower-ort``'s kernels for every backend: ``lower-tvm``
+   computes the same numbers for the same plan.)
 4. **Solve** (``lowbit.compiler.analysis.allocate``): ``scipy.optimize.milp`` minimises the
    summed sensitivity (one candidate per layer) under the budget(s):
 
@@ -54,6 +59,7 @@ Example recipe entry::
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import math
@@ -63,6 +69,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+
 from lowbit.compiler.analysis import allocate
 from lowbit.compiler.analysis import costs as costs_mod
 from lowbit.compiler.analysis import sensitivity as sens_mod
@@ -72,9 +79,11 @@ from lowbit.compiler.analysis.candidates import (
     parse_candidates,
 )
 from lowbit.compiler.analysis.costs import _median_ms
+from lowbit.compiler.core.backend import get_backend
 from lowbit.compiler.core.data import batched
-from lowbit.compiler.core.errors import InputError
+from lowbit.compiler.core.errors import InputError, OptionError
 from lowbit.compiler.core.irutil import add_initializer, replace_value
+from lowbit.compiler.core.options import PassOptions, option
 from lowbit.compiler.core.ortsession import session_for
 from lowbit.compiler.core.passbase import LowbitPass
 from lowbit.compiler.core.plan import LayerPlan, Plan, write_plan
@@ -93,103 +102,98 @@ class PlanMixedPrecisionPass(LowbitPass):
     ``budget`` / ``budget_latency`` (or both), ``max_kl``, ``max_ppl_increase``; with
     none, ``budget = "5.0bits"``.
 
-    Options:
-        budget: size budget: "5.0bits" (average bits per linear weight, scales included) or "60MB" (artifact weight bytes).
-        budget_latency: latency budget as a fraction of the fp32 model's at latency_seq_len tokens, e.g. "0.5x".
-        max_kl: the smallest plan whose predicted KL from fp32 is at most this (0: unused).
-        max_ppl_increase: the smallest plan whose predicted perplexity increase is at most this, e.g. "2%" ("": unused).
-        candidates: what each linear may become: fp32, w8a8, w8a16, w4a16-gG, w4a8-gG (G: group size).
-        samples: calibration batches the sensitivities are measured on.
-        sensitivity: "exact" (one run per layer and candidate) or "scaled" (one run per layer, the other candidates scaled by their local output error; see compiler/analysis/sensitivity.py).
-        max_tokens: tokens per ONNX Runtime run (batches are stacked up to this).
-        weight_algorithm_8bit: weight algorithm of the 8-bit candidates ("rtn", "mse", "gptq").
-        weight_algorithm_4bit: weight algorithm of the 4-bit candidates ("rtn", "mse", "gptq").
-        act_order: GPTQ candidates quantize input features in order of decreasing Hessian diagonal.
-        exclude: glob patterns of layers kept in fp32.
-        overrides: "GLOB=PRECISION" items (PRECISION may carry a group: w4a16-g32) pinning layers before solving.
-        plan_file: a plan to use as is (a manifest.json or plan JSON of an earlier compile): no analysis.
-        latency_seq_len: tokens per run at which latencies are measured and a latency budget applies.
-        threads: ONNX Runtime threads for every measurement.
-        measure_latency: measure each candidate's latency (needed by budget_latency; else bytes only).
-        cost_table: JSON cost table to read and extend ("": ~/.cache/lowbit/costs.json).
-        cache: keep measured sensitivities in ~/.cache/lowbit (or $LOWBIT_CACHE) and reuse them.
-        pareto_points: further budgets solved and measured for the predicted-vs-measured curve (0: none).
-        quantized_embeddings: count embedding tables as quantize-embeddings stores them (int8 rows) in byte budgets.
-        time_limit: seconds the solver may take per problem.
+    Options: :attr:`Options` (the recipe keys, with their help).
     """
 
     name = "plan-mixed"
 
-    def __init__(
-        self,
-        *,
-        budget: str = "",
-        budget_latency: str = "",
-        max_kl: float = 0.0,
-        max_ppl_increase: str = "",
-        candidates: list[str] | None = None,
-        samples: int = 8,
-        sensitivity: str = "exact",
-        max_tokens: int = 2048,
-        weight_algorithm_8bit: str = "rtn",
-        weight_algorithm_4bit: str = "gptq",
-        act_order: bool = True,
-        exclude: list[str] | None = None,
-        overrides: list[str] | None = None,
-        plan_file: str = "",
-        latency_seq_len: int = 128,
-        threads: int = 2,
-        measure_latency: bool = True,
-        cost_table: str = "",
-        cache: bool = True,
-        pareto_points: int = 6,
-        quantized_embeddings: bool = True,
-        time_limit: float = 60.0,
-    ) -> None:
-        super().__init__()
-        self.budget = str(budget or "")
-        self.budget_latency = str(budget_latency or "")
-        self.max_kl = float(max_kl or 0.0)
-        self.max_ppl_increase = str(max_ppl_increase or "")
-        self.candidates = list(candidates or DEFAULT_CANDIDATES)
-        self.samples = int(samples)
-        self.sensitivity = str(sensitivity)
-        if self.sensitivity not in ("exact", "scaled"):
-            raise InputError(f"plan-mixed.sensitivity must be 'exact' or 'scaled', got {self.sensitivity!r}")
-        self.max_tokens = int(max_tokens)
-        self.weight_algorithm_8bit = weight_algorithm_8bit
-        self.weight_algorithm_4bit = weight_algorithm_4bit
-        self.act_order = bool(act_order)
-        self.exclude = list(exclude or [])
-        self.overrides = list(overrides or [])
-        self.plan_file = str(plan_file or "")
-        self.latency_seq_len = int(latency_seq_len)
-        self.threads = int(threads)
-        self.measure_latency = bool(measure_latency)
-        self.cost_table = str(cost_table or "")
-        self.cache = bool(cache)
-        self.pareto_points = int(pareto_points)
-        self.quantized_embeddings = bool(quantized_embeddings)
-        self.time_limit = float(time_limit)
-        # validate now, so a bad flag fails before any work
+    @dataclasses.dataclass(frozen=True)
+    class Options(PassOptions):
+        budget: str = option("", 'size budget: "5.0bits" (average bits per linear weight, scales included) or "60MB" '
+                                 "(artifact weight bytes).")
+        budget_latency: str = option("", "latency budget as a fraction of the fp32 model's at latency_seq_len tokens, "
+                                         'e.g. "0.5x".')
+        max_kl: float = option(0.0, "the smallest plan whose predicted KL from fp32 is at most this (0: unused).")
+        max_ppl_increase: str = option("", "the smallest plan whose predicted perplexity increase is at most this, "
+                                           'e.g. "2%" ("": unused).')
+        candidates: list[str] | None = option(None, "what each linear may become: fp32, w8a8, w8a16, w4a16-gG, "
+                                                    "w4a8-gG (G: group size).")
+        samples: int = option(8, "calibration batches the sensitivities are measured on.")
+        sensitivity: str = option("exact", '"exact" (one run per layer and candidate) or "scaled" (one run per layer, '
+                                           "the other candidates scaled by their local output error; see "
+                                           "compiler/analysis/sensitivity.py).")
+        max_tokens: int = option(2048, "tokens per ONNX Runtime run (batches are stacked up to this).")
+        weight_algorithm_8bit: str = option("rtn", 'weight algorithm of the 8-bit candidates ("rtn", "mse", "gptq").')
+        weight_algorithm_4bit: str = option("gptq", 'weight algorithm of the 4-bit candidates ("rtn", "mse", "gptq").')
+        act_order: bool = option(True, "GPTQ candidates quantize input features in order of decreasing Hessian "
+                                       "diagonal.")
+        exclude: list[str] | None = option(None, "glob patterns of layers kept in fp32.")
+        overrides: list[str] | None = option(None, '"GLOB=PRECISION" items (PRECISION may carry a group: w4a16-g32) '
+                                                   "pinning layers before solving.")
+        plan_file: str = option("", "a plan to use as is (a manifest.json or plan JSON of an earlier compile): no "
+                                    "analysis.")
+        latency_seq_len: int = option(128, "tokens per run at which latencies are measured and a latency budget "
+                                           "applies.")
+        threads: int = option(2, "ONNX Runtime threads for every measurement.")
+        measure_latency: bool = option(True, "measure each candidate's latency (needed by budget_latency; else bytes "
+                                             "only).")
+        cost_table: str = option("", 'JSON cost table to read and extend ("": ~/.cache/lowbit/costs.json).')
+        cache: bool = option(True, "keep measured sensitivities in ~/.cache/lowbit (or $LOWBIT_CACHE) and reuse them.")
+        pareto_points: int = option(6, "further budgets solved and measured for the predicted-vs-measured curve "
+                                       "(0: none).")
+        quantized_embeddings: bool = option(True, "count embedding tables as quantize-embeddings stores them (int8 "
+                                                  "rows) in byte budgets.")
+        time_limit: float = option(60.0, "seconds the solver may take per problem.")
+
+        def __post_init__(self) -> None:
+            # validate now, so a bad flag fails before any work
+            for name, kind in (("budget", str), ("budget_latency", str), ("max_ppl_increase", str), ("plan_file", str),
+                               ("cost_table", str), ("max_kl", float), ("time_limit", float)):
+                self.normalize(name, kind(getattr(self, name) or kind()))
+            for name, kind in (("samples", int), ("max_tokens", int), ("latency_seq_len", int), ("threads", int),
+                               ("pareto_points", int), ("sensitivity", str), ("act_order", bool),
+                               ("measure_latency", bool), ("cache", bool), ("quantized_embeddings", bool)):
+                self.normalize(name, kind(getattr(self, name)))
+            self.normalize("candidates", list(self.candidates or DEFAULT_CANDIDATES))
+            self.normalize("exclude", list(self.exclude or []))
+            self.normalize("overrides", list(self.overrides or []))
+            self.require(self.sensitivity in ("exact", "scaled"), "sensitivity", "must be 'exact' or 'scaled'")
+            self.require(self.max_kl >= 0, "max_kl", "must not be negative")
+            self.require(self.samples >= 1, "samples", "must be >= 1")
+            parsed = {name: self._parsed(name, parse) for name, parse in (
+                ("budget", allocate.parse_budget), ("budget_latency", allocate.parse_latency),
+                ("max_ppl_increase", lambda v: allocate.parse_fraction(v, "--max-ppl-increase")))}
+            targets = [n for n, v in (("max_kl", self.max_kl or None), ("max_ppl_increase", parsed["max_ppl_increase"]))
+                       if v is not None]
+            self.require(len(targets) < 2, "max_ppl_increase",
+                         "is refused: give one accuracy target: --max-kl or --max-ppl-increase, not both")
+            if targets:
+                flag = "--" + targets[0].replace("_", "-")
+                self.require(not (parsed["budget"] or parsed["budget_latency"]), targets[0],
+                             f"is refused: {flag} asks for the smallest plan meeting an accuracy target; it does not "
+                             "combine with --budget / --budget-latency")
+            self.require(parsed["budget_latency"] is None or self.measure_latency, "budget_latency",
+                         "is refused: --budget-latency needs measured latencies (plan-mixed.measure_latency = true)")
+            try:
+                for c in parse_candidates(self.candidates):
+                    c.layer_plan(weight_algorithm_8bit=self.weight_algorithm_8bit,
+                                 weight_algorithm_4bit=self.weight_algorithm_4bit, act_order=self.act_order)
+            except InputError as e:  # a candidate, or an algorithm of theirs
+                raise OptionError(None, "candidates", self.candidates, f"is refused: {e}") from None
+
+        def _parsed(self, name: str, parse):
+            value = getattr(self, name)
+            try:
+                return parse(value) if value else None
+            except InputError as e:
+                raise OptionError(None, name, value, f"is refused: {e}") from None
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
         self._size = allocate.parse_budget(self.budget) if self.budget else None
         self._latency = allocate.parse_latency(self.budget_latency) if self.budget_latency else None
         self._ppl = allocate.parse_fraction(self.max_ppl_increase, "--max-ppl-increase") if self.max_ppl_increase else None
-        if self.max_kl < 0:
-            raise InputError(f"--max-kl {self.max_kl}: must not be negative")
-        targets = [n for n, v in (("--max-kl", self.max_kl or None), ("--max-ppl-increase", self._ppl)) if v is not None]
-        if len(targets) > 1:
-            raise InputError("give one accuracy target: --max-kl or --max-ppl-increase, not both")
-        if targets and (self._size or self._latency):
-            raise InputError(f"{targets[0]} asks for the smallest plan meeting an accuracy target; it does not combine "
-                             "with --budget / --budget-latency")
-        if self._latency is not None and not self.measure_latency:
-            raise InputError("--budget-latency needs measured latencies (plan-mixed.measure_latency = true)")
         self._candidates = parse_candidates(self.candidates)
-        for c in self._candidates:
-            self._layer_plan(c)  # validates the algorithms
-        if self.samples < 1:
-            raise InputError(f"plan-mixed.samples must be >= 1, got {self.samples}")
 
     # ------------------------------------------------------------------
     def _layer_plan(self, cand: Candidate, reason: str = "") -> LayerPlan:
@@ -233,8 +237,14 @@ class PlanMixedPrecisionPass(LowbitPass):
         pinned = self._pinned(names)
         for name, (cand, why) in pinned.items():
             plan.layers[name] = self._layer_plan(cand, why)
+        backend = get_backend(self.context.backend)
+        refused = {n: why for n, lp in plan.layers.items() if (why := backend.supports(lp)) is not None}
+        if refused:
+            first = next(iter(refused))
+            raise InputError(f"--plan {path}: --backend {backend.name} cannot run {len(refused)} of its layers, e.g. "
+                             f"{first} ({plan.layers[first].precision}): {refused[first]}")
         self.context.notes[NOTES_KEY] = {"source": f"plan file {path}", "analysis": "skipped (--plan)",
-                                         "pinned": {k: v[0].name for k, v in pinned.items()}}
+                                         "backend": backend.name, "pinned": {k: v[0].name for k, v in pinned.items()}}
         return plan
 
     def _pinned(self, names: list[str]) -> dict[str, tuple[Candidate, str]]:
@@ -257,6 +267,29 @@ class PlanMixedPrecisionPass(LowbitPass):
                 out[n] = (cand, f"override {item}")
         return out
 
+    def _offered(self, backend) -> tuple[list[Candidate], dict[str, str]]:
+        """The candidates ``backend`` runs, and why each other one is dropped."""
+        offered, dropped = [], {}
+        for c in self._candidates:
+            why = backend.supports(self._layer_plan(c))
+            if why is None:
+                offered.append(c)
+            else:
+                dropped[c.name] = why
+        return offered, dropped
+
+    def _backend_notes(self, backend, timed: bool, dropped: dict[str, str]) -> dict[str, Any]:
+        """Whose costs the plan was solved with, and which candidates the backend does not run."""
+        costs = f"bytes of each candidate as {backend.lowering} stores it"
+        if timed:
+            costs += f"; latency of that lowered linear timed by ONNX Runtime at T={self.latency_seq_len}"
+        elif self.measure_latency:
+            costs += f"; no latency: the {backend.name} kernels are not timed by the planner"
+        sens = "each candidate lowered by lower-ort, run in ONNX Runtime"
+        if backend.lowering != "lower-ort":
+            sens += f" (the numbers {backend.lowering} computes for the same plan)"
+        return {"name": backend.name, "costs": costs, "sensitivity": sens, "dropped": dropped}
+
     # ------------------------------------------------------------------
     def _analyse(self, model: ir.Model, linears, rejected) -> Plan:
         timings: dict[str, float] = {}
@@ -264,9 +297,20 @@ class PlanMixedPrecisionPass(LowbitPass):
         batches_all = self.context.calibration_batches
         if not batches_all:
             raise InputError("plan-mixed measures sensitivities on calibration data, and the compile has none")
+        backend = get_backend(self.context.backend)
+        offered, dropped = self._offered(backend)
+        timed = self.measure_latency and backend.measures_latency
+        if self._latency is not None and not timed:
+            raise InputError(f"--budget-latency: the planner times only kernels that run in ONNX Runtime, not the "
+                             f"{backend.name} backend's; give a size budget (--budget) or an accuracy target")
         names = [lin.name for lin in linears]
         pinned = self._pinned(names)
-        cands = list(self._candidates)
+        for name, (cand, why) in pinned.items():
+            refused = backend.supports(self._layer_plan(cand))
+            if refused is not None:
+                raise InputError(f"layer {name} pinned to {cand.name} ({why}): --backend {backend.name} cannot run it: "
+                                 f"{refused}")
+        cands = list(offered)
         for cand, _ in pinned.values():
             if cand not in cands:
                 cands.append(cand)
@@ -277,18 +321,18 @@ class PlanMixedPrecisionPass(LowbitPass):
             if lin.name in pinned:
                 allowed[i] = [c == pinned[lin.name][0] for c in cands]
             else:
-                allowed[i] = [c in self._candidates for c in cands]
+                allowed[i] = [c in offered for c in cands]
 
         # -- costs ------------------------------------------------------
         table = costs_mod.CostTable(self.cost_table or costs_mod.default_cost_table(), threads=self.threads,
-                                    opset_imports=dict(model.graph.opset_imports))
+                                    opset_imports=dict(model.graph.opset_imports), backend=backend)
         shapes = [lin.shape for lin in linears]
-        cost = costs_mod.layer_costs(table, shapes, cands, self.latency_seq_len, latency=self.measure_latency)
+        cost = costs_mod.layer_costs(table, shapes, cands, self.latency_seq_len, latency=timed)
         table.save()
         nbytes = np.array([[cost[(s, c)]["bytes"] for c in cnames] for s in shapes], float)
         weights = np.array([s[0] * s[1] for s in shapes], float)
         total_weights = float(weights.sum())
-        ms = (np.array([[cost[(s, c)]["ms"] for c in cnames] for s in shapes], float) if self.measure_latency else None)
+        ms = (np.array([[cost[(s, c)]["ms"] for c in cnames] for s in shapes], float) if timed else None)
         timings["costs"] = time.perf_counter() - t0
 
         # -- sensitivities -------------------------------------------------
@@ -433,6 +477,7 @@ class PlanMixedPrecisionPass(LowbitPass):
             "measured_calibration": joint,
             "latency": latency_info,
             "candidates": cnames,
+            "backend": self._backend_notes(backend, timed, dropped),
             "counts": {c: int((choice == j).sum()) for j, c in enumerate(cnames) if (choice == j).any()},
             "pinned": {k: v[0].name for k, v in pinned.items()},
             "table": {lin.name: {c: {"metric": float(S[i, j]), "dnll": float(D[i, j]), "bytes": int(nbytes[i, j]),

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 import torch
+
 from lowbit.compiler.analysis.candidates import Candidate, lower_linear, weight_bytes
 from lowbit.compiler.core.evaluate import cosine
 from lowbit.compiler.core.irutil import add_initializer, replace_value

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
+
 from lowbit.compiler.core.errors import InputError
 
 MANIFEST = "manifest.json"
@@ -56,11 +57,7 @@ class ArtifactWriter:
         return self.tmp
 
     def save_model(self, model: ir.Model) -> None:
-        size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-        if size > EXTERNAL_DATA_THRESHOLD:
-            ir.save(model, self.path / MODEL, external_data=f"{MODEL}.data")
-        else:
-            ir.save(model, self.path / MODEL)
+        save_model(model, self.path)
 
     def commit(self, manifest: dict[str, Any], summary: str) -> Path:
         """Write summary and manifest (with file hashes), then move into place."""
@@ -75,6 +72,17 @@ class ArtifactWriter:
         if backup is not None:
             shutil.rmtree(backup, ignore_errors=True)
         return self.out
+
+
+def save_model(model: ir.Model, folder: Path) -> Path:
+    """Write ``model`` as ``folder/model.onnx`` (weights in ``model.onnx.data`` past ``EXTERNAL_DATA_THRESHOLD``)."""
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    path = Path(folder) / MODEL
+    if size > EXTERNAL_DATA_THRESHOLD:
+        ir.save(model, path, external_data=f"{MODEL}.data")
+    else:
+        ir.save(model, path)
+    return path
 
 
 def sha256(path: Path) -> str:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
 from lowbit.compiler.core.errors import InputError
 
 CALIB_FRACTION = 0.8

@@ -10,7 +10,9 @@ inside a pass (as in TVM's ``PassInstrument``):
 * ``DumpIR``: ``NNN_<PassName>.onnx`` plus a text form after every pass.
 
 ``run_pipeline`` turns any failure into a ``PassFailedError`` naming the pass
-and the passes that ran before it.
+and the passes that ran before it (a failed ``requires`` says what is missing
+and which pass provides it), and collects each pass's typed record into the
+compile context (``context.results``), in run order.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from typing import Any, Sequence
 
 import onnx
 import onnx_ir as ir
+
 from lowbit.compiler.core.errors import LowbitError, PassFailedError
 from lowbit.compiler.core.passbase import CompileContext, LowbitPass
+from lowbit.compiler.core.results import FreeformRecord
 
 logger = logging.getLogger("lowbit")
 
@@ -137,8 +141,12 @@ def run_pipeline(
             raise PassFailedError(name, done, str(e)) from e
         except Exception as e:
             cause = e.__cause__ if isinstance(e, ir.passes.InvariantError) and e.__cause__ else e
+            if isinstance(cause, LowbitError):  # a requires/ensures check: its message says what is missing
+                raise PassFailedError(name, done, str(cause)) from e
             raise PassFailedError(name, done, f"{type(cause).__name__}: {cause}") from e
         seconds = time.perf_counter() - start
+        if context is not None:
+            _collect(context, pass_, getattr(result, "record", None))
         try:
             for inst in instruments:
                 inst.after(index, pass_, model, modified, seconds)
@@ -146,6 +154,16 @@ def run_pipeline(
             raise PassFailedError(name, done, str(e)) from e
         done.append(name)
     return model
+
+
+def _collect(context: CompileContext, pass_: Any, record: Any) -> None:
+    """File ``pass_``'s record under its name; give new free-form notes their place in the run order."""
+    if record is not None:
+        context.results.add(getattr(pass_, "name", "") or pass_name(pass_), record)
+    placed = {r.key for _, r in context.results if isinstance(r, FreeformRecord)}
+    for key in context.notes:
+        if key not in placed:
+            context.results.add(key, FreeformRecord(context.notes, key))
 
 
 def _jsonable(value: Any) -> Any:

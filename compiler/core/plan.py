@@ -15,6 +15,7 @@ import json
 from typing import Any
 
 import onnx_ir as ir
+
 from lowbit.compiler.core.errors import InputError
 
 PLAN_KEY = "lowbit.plan"

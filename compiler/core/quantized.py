@@ -15,7 +15,9 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
-from lowbit.compiler.core.passbase import LAYER_KEY
+
+from lowbit.compiler.core.errors import InputError
+from lowbit.compiler.core.passbase import LAYER_KEY, ONLINE_HADAMARD, ROLE_KEY
 
 
 @dataclasses.dataclass
@@ -111,11 +113,40 @@ def weight_dequantize(node: ir.Node) -> tuple[ir.Node, QuantizedWeight] | None:
     return dq, QuantizedWeight(codes, scale.astype(np.float32), zero, bits, group)
 
 
-def record_kernel(layers_notes: dict[str, Any], layer: str, kernel: str) -> None:
-    """Note ``kernel`` for ``layer``, and for every layer fused with it (one MatMul runs them all)."""
-    for member in layers_notes.get(layer, {}).get("fused_with", [layer]):
-        if member in layers_notes:
-            layers_notes[member]["kernel"] = kernel
+def unquantized_layers(graph: ir.Graph, plan) -> list[str]:
+    """Layers ``plan`` gives integer weights whose MatMul still reads a float constant weight.
+
+    Empty once ``quantize-weights`` has run: what a pass that consumes quantized weights
+    (fusion, the lowerings) checks in ``requires``. A layer is named as ``recognize`` tags
+    it (else by its node's name); the MatMuls of an online rotation are not layers.
+    """
+    found = []
+    for node in graph:
+        if node.op_type != "MatMul" or node.domain != "" or node.metadata_props.get(ROLE_KEY) == ONLINE_HADAMARD:
+            continue
+        x, w = node.inputs[0], node.inputs[1]
+        const = w.const_value if w is not None else None
+        if const is None or len(const.shape) != 2 or not const.dtype.is_floating_point():
+            continue
+        if x is not None and x.const_value is not None:
+            continue
+        layer = node.metadata_props.get(LAYER_KEY) or node.name
+        lp = plan.layers.get(layer)
+        if lp is not None and lp.weight_bits is not None:
+            found.append(layer)
+    return found
+
+
+def require_quantized(graph: ir.Graph, plan, pass_name: str) -> None:
+    """The ``requires`` of a pass that consumes ``quantize-weights``'s output: a plan, and its weights quantized."""
+    if plan is None:
+        raise InputError(f"{pass_name} needs a plan: put a planner pass (e.g. 'plan') and 'quantize-weights' before it")
+    left = unquantized_layers(graph, plan)
+    if left:
+        raise InputError(
+            f"{pass_name} needs quantized weights, and {len(left)} planned layer(s) still have float weights "
+            f"(e.g. {left[0]}, planned {plan.layers[left[0]].precision}): put 'quantize-weights' before '{pass_name}'"
+        )
 
 
 def planned_linears(graph: ir.Graph, plan) -> Iterator[tuple[ir.Node, str, Any, QuantizedWeight]]:

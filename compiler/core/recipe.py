@@ -20,7 +20,10 @@ A recipe is a file a user can copy and edit::
     pass = "plan"          # registry name, entry point, or "pkg.mod:Class"
     activations = "dynamic"
 
-Every key besides ``pass`` is an option of that pass. An option of
+Every key besides ``pass`` is an option of that pass; ``build()`` checks each
+one's name and type (``lowbit.compiler.core.registry``), so a wrong key or value
+fails before any pass runs. ``samples`` and ``seq_len`` of ``[calibration]`` and
+``[evaluation]`` are integers. An option of
 ``LINKED_OPTIONS`` that the recipe leaves out follows the option it is linked
 to (the rotation is learned against the group size the plan quantizes to).
 ``resolved()`` gives the recipe with every option filled in (defaults and
@@ -36,10 +39,17 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.compiler.core.errors import InputError
-from lowbit.compiler.core.registry import instantiate, pass_options, resolve_pass
+from lowbit.compiler.core.registry import (
+    check_pass_options,
+    instantiate,
+    pass_options,
+    resolve_pass,
+)
 
 DEFAULT_CALIBRATION = {"samples": 32, "seq_len": 128}
 DEFAULT_EVALUATION = {"samples": 16, "seq_len": 128}
+#: the keys of [calibration] / [evaluation] and their types
+DATA_KEYS = {"samples": int, "seq_len": int}
 # (pass, option) -> (pass, option) it takes its value from when the recipe does not set it
 LINKED_OPTIONS = {("rotate", "learn_group_size"): ("plan", "group_size")}
 
@@ -60,7 +70,12 @@ class Recipe:
     source: str = ""
 
     def build(self) -> list:
-        """Instantiate the passes (validates every option name and value)."""
+        """Instantiate the passes (validates every option name, type and value).
+
+        The options the recipe gives are checked first, every pass's, so an error names
+        the option a user set rather than one linked to it (``LINKED_OPTIONS``)."""
+        for p in self.passes:
+            check_pass_options(p.name, p.options)
         return [instantiate(p.name, self.options(p)) for p in self.passes]
 
     def options(self, spec: PassSpec) -> dict[str, Any]:
@@ -80,6 +95,7 @@ class Recipe:
         if not opt:
             raise InputError(f"--set {key}: expected PASS.OPTION=VALUE")
         if head in ("calibration", "evaluation"):
+            check_data_section(head, {opt: value}, f"--set {key}")
             getattr(self, head)[opt] = value
             return
         matches = [p for p in self.passes if p.name == head]
@@ -103,6 +119,15 @@ class Recipe:
             "evaluation": self.evaluation,
             "passes": passes,
         }
+
+
+def check_data_section(section: str, values: dict[str, Any], where: str) -> None:
+    """Raise an ``InputError`` naming section, key and value for a ``[calibration]`` / ``[evaluation]``
+    value of the wrong type (``samples = "lots"``)."""
+    for key, value in values.items():
+        kind = DATA_KEYS.get(key)
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise InputError(f"{where}: [{section}] {key} = {value!r} is not an int")
 
 
 def builtin_recipes() -> dict[str, Path]:
@@ -141,6 +166,10 @@ def parse_recipe(data: dict[str, Any], *, source: str = "") -> Recipe:
     unknown = set(data) - {"name", "description", "passes", "calibration", "evaluation"}
     if unknown:
         raise InputError(f"recipe {source}: unknown top-level keys {sorted(unknown)}")
+    for section in ("calibration", "evaluation"):
+        if not isinstance(data.get(section, {}), dict):
+            raise InputError(f"recipe {source or data.get('name', '?')}: [{section}] must be a table")
+        check_data_section(section, data.get(section, {}), f"recipe {source or data.get('name', '?')}")
     return Recipe(
         name=data.get("name", Path(source).stem if source else "custom"),
         description=data.get("description", ""),

@@ -16,9 +16,12 @@ A recipe names a pass in one of three ways:
 The registry is part of the core: it finds passes by name and never imports
 a pass module itself.
 
-A pass's options are its keyword-only constructor arguments; ``pass_options``
-reads them (name, type, default, help from the docstring's ``Options:``
-section) for ``lowbit passes`` and for recipe validation.
+A pass's options are the fields of its ``Options`` dataclass
+(``lowbit.compiler.core.options``: type, default, and help text in the field's
+metadata); a third-party pass without one has its keyword-only constructor
+arguments read instead. ``pass_options`` lists them for ``lowbit passes`` and
+for recipes; ``instantiate`` checks every given option's name and type before it
+builds the pass, so a recipe with a wrong key or value fails before any pass runs.
 """
 
 from __future__ import annotations
@@ -27,11 +30,17 @@ import dataclasses
 import importlib
 import importlib.metadata
 import inspect
-import re
 from typing import Any
 
 import onnx_ir as ir
-from lowbit.compiler.core.errors import InputError
+
+from lowbit.compiler.core.errors import InputError, OptionError
+from lowbit.compiler.core.options import (
+    check_options,
+    is_options_class,
+    type_hints,
+    type_text,
+)
 
 ENTRY_POINT_GROUP = "lowbit.passes"
 _REGISTRY: dict[str, type] = {}
@@ -96,57 +105,64 @@ def all_passes() -> dict[str, type]:
 @dataclasses.dataclass(frozen=True)
 class Option:
     name: str
-    type: str
+    type: str  # the annotation as written ("float | None")
     default: Any
     help: str
+    annotation: Any = None  # the resolved annotation values are checked against (None: unchecked)
 
 
 def pass_options(cls: type) -> list[Option]:
-    """The keyword-only constructor options of a pass class."""
+    """The options of a pass class: its ``Options`` dataclass's fields, else its keyword-only constructor arguments."""
+    options_cls = getattr(cls, "Options", None)
+    if is_options_class(options_cls) and dataclasses.fields(options_cls):
+        hints = type_hints(options_cls)
+        return [
+            Option(f.name, type_text(f.type), _field_default(f), f.metadata.get("help", ""), hints.get(f.name))
+            for f in dataclasses.fields(options_cls)
+        ]
     try:
         sig = inspect.signature(cls.__init__)
     except (TypeError, ValueError):
         return []
-    helps = _option_help(inspect.getdoc(cls) or "")
+    hints = type_hints(cls.__init__)
     opts = []
     for p in sig.parameters.values():
         if p.kind is not inspect.Parameter.KEYWORD_ONLY:
             continue
-        ann = p.annotation
-        type_name = ann if isinstance(ann, str) else getattr(ann, "__name__", str(ann))
         default = None if p.default is inspect.Parameter.empty else p.default
-        opts.append(Option(p.name, type_name, default, helps.get(p.name, "")))
+        type_name = "" if p.annotation is inspect.Parameter.empty else type_text(p.annotation)
+        opts.append(Option(p.name, type_name, default, "", hints.get(p.name)))
     return opts
 
 
-def _option_help(doc: str) -> dict[str, str]:
-    """Parse ``name: text`` lines under an ``Options:`` heading."""
-    helps: dict[str, str] = {}
-    in_options = False
-    for line in doc.splitlines():
-        if line.strip() == "Options:":
-            in_options = True
-            continue
-        if in_options:
-            m = re.match(r"\s+(\w+):\s*(.*)", line)
-            if m:
-                helps[m.group(1)] = m.group(2)
-            elif line and not line.startswith(" "):
-                in_options = False
-    return helps
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
 
 
-def instantiate(spec: str, options: dict[str, Any]) -> ir.passes.PassBase:
-    """Build the pass a recipe entry describes, validating its option names."""
+def check_pass_options(spec: str, options: dict[str, Any]) -> type:
+    """The pass class ``spec`` names, once every option given is one of its options and of its type."""
     cls = resolve_pass(spec)
-    known = {o.name for o in pass_options(cls)}
-    unknown = set(options) - known
+    known = {o.name: o for o in pass_options(cls)}
+    unknown = set(options) - set(known)
     if unknown:
         raise InputError(
             f"pass {spec!r} has no option {', '.join(sorted(map(repr, unknown)))}"
             f" (options: {', '.join(sorted(known)) or 'none'})"
         )
+    check_options(spec, {name: o.annotation for name, o in known.items() if o.annotation is not None}, options)
+    return cls
+
+
+def instantiate(spec: str, options: dict[str, Any]) -> ir.passes.PassBase:
+    """Build the pass a recipe entry describes, checking its option names and types first."""
+    cls = check_pass_options(spec, options)
     try:
         return cls(**options)
+    except OptionError as e:  # named as the recipe names the pass
+        raise e.named(spec) from None
+    except InputError:
+        raise
     except (TypeError, ValueError) as e:
         raise InputError(f"pass {spec!r}: bad options: {e}") from e

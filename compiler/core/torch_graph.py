@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 import torch
+
 from lowbit.compiler.core.errors import LowbitError
 
 

@@ -6,13 +6,13 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+
 from lowbit.backends.ort import nbits
 from lowbit.backends.ort.lower import LowerToORTPass, nbits_layout
 from lowbit.compiler.core.ortsession import session_options
 from lowbit.compiler.core.quantized import QuantizedWeight, weight_dequantize
 from lowbit.passes.plan import PlanUniformPass
 from lowbit.passes.quantize_weights import QuantizeWeightsPass, quantize_weight
-
 from tests.graphs import mlp, ops
 
 SHAPE = {"k": 64, "hidden": 96, "n": 32}  # "down" has K = 96: 3 groups of 32, per-channel blocks of 32
@@ -91,7 +91,8 @@ def test_w4a16_matmulnbits_equals_the_qdq_graph(group, symmetric, t):
     feeds = inputs(t)
     ref = session(model, unfused=True).run(None, feeds)[0]
     lower = LowerToORTPass()
-    assert lower(model).modified
+    result = lower(model)
+    assert result.modified
     assert ops(model).count("MatMulNBits") == 3 and "DequantizeLinear" not in ops(model)
     node = next(n for n in model.graph if n.op_type == "MatMulNBits" and n.metadata_props["lowbit.layer"] == "down")
     attrs = {k: v.value for k, v in node.attributes.items()}
@@ -99,7 +100,7 @@ def test_w4a16_matmulnbits_equals_the_qdq_graph(group, symmetric, t):
     assert (len(node.inputs) == 4) == (not symmetric)  # zero points only when asymmetric
     out = session(model).run(None, feeds)[0]
     assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
-    kernels = lower.context.notes["lower-ort"]["kernels"]
+    kernels = result.record.kernels
     assert sum(kernels.values()) == 3 and all(k.startswith("MatMulNBits(bits=4") for k in kernels)
 
 
@@ -142,10 +143,10 @@ def test_8bit_weights_pick_their_kernel_by_form():
     out = session(grouped).run(None, feeds)[0]
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 0.03
     weight_only = quantized("w8a16", 32, True)
-    lower = LowerToORTPass()
-    assert not lower(weight_only).modified
+    result = LowerToORTPass()(weight_only)
+    assert not result.modified
     assert ops(weight_only).count("DequantizeLinear") == 3
-    assert set(lower.context.notes["lower-ort"]["kept_qdq"]) == {"up", "down", "side"}
+    assert set(result.record.kept_qdq) == {"up", "down", "side"} and result.record.layer_kernels() == {}
 
 
 def test_weight_dequantize_reads_every_qdq_form():
@@ -167,6 +168,20 @@ def test_nothing_to_lower_is_not_a_modification():
     assert not LowerToORTPass()(model).modified
     with pytest.raises(ValueError, match="w4a8_kernel"):
         LowerToORTPass(w4a8_kernel="fast")
+
+
+def test_requires_a_plan_and_quantized_weights():
+    from lowbit.compiler.core.errors import PassFailedError
+    from lowbit.compiler.core.pipeline import run_pipeline
+
+    with pytest.raises(PassFailedError, match=r"lower-ort needs a plan: put a planner pass \(e.g. 'plan'\) and "
+                                              r"'quantize-weights' before it$"):
+        run_pipeline(mlp(**SHAPE), [LowerToORTPass()])
+    # a plan alone would lower nothing and leave the model float: quantize-weights is named
+    with pytest.raises(PassFailedError, match=r"lower-ort needs quantized weights, and 2 planned layer\(s\) still have "
+                                              r"float weights \(e.g. up, planned w4a16\): put 'quantize-weights' "
+                                              r"before 'lower-ort'$"):
+        run_pipeline(mlp(**SHAPE), [PlanUniformPass(precision="w4a16", overrides=["down=fp32"]), LowerToORTPass()])
 
 
 @pytest.mark.slow

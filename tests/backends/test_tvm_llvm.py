@@ -23,7 +23,6 @@ from lowbit.compiler.cli import main  # noqa: E402
 from lowbit.compiler.core.artifact import verify_files  # noqa: E402
 from lowbit.compiler.core.evaluate import log_softmax  # noqa: E402
 from lowbit.compiler.core.ortsession import make_session  # noqa: E402
-
 from tests.backends.tvm_support import exported_once  # noqa: E402
 
 LILY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."

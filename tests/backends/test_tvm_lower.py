@@ -8,6 +8,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+
 from lowbit.backends.ort.lower import LowerToORTPass
 from lowbit.backends.tvm import ops
 from lowbit.backends.tvm.lower import LowerToTVMPass
@@ -15,7 +16,6 @@ from lowbit.compiler.core.errors import InputError
 from lowbit.compiler.core.ortsession import session_options
 from lowbit.passes.plan import PlanUniformPass
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
-
 from tests.graphs import causal_mask_lm, mlp
 
 SHAPE = {"k": 64, "hidden": 96, "n": 32}  # "down" has K = 96: 3 groups of 32, and not a multiple of 64
@@ -73,12 +73,23 @@ def test_w4a8_and_group_wise_int8_activations_are_refused_with_the_layer_named()
         LowerToTVMPass()(quantized("w4a8", group=32))
 
 
+def test_requires_quantized_weights():
+    from lowbit.compiler.core.errors import PassFailedError
+    from lowbit.compiler.core.pipeline import run_pipeline
+
+    with pytest.raises(PassFailedError, match=r"lower-tvm needs quantized weights, and 3 planned layer\(s\) still have "
+                                              r"float weights \(e.g. up, planned w4a16\): put 'quantize-weights' "
+                                              r"before 'lower-tvm'$"):
+        run_pipeline(mlp(**SHAPE), [PlanUniformPass(precision="w4a16"), LowerToTVMPass()])
+
+
 def _tvm_outputs(model, feeds_list, target="llvm"):
     tvm = pytest.importorskip("tvm")
+    from tvm import relax
+
     from lowbit.backends.tvm.build import relax_pipeline
     from lowbit.backends.tvm.relax_import import to_relax
     from lowbit.backends.tvm.targets import make_target
-    from tvm import relax
 
     mod, _, arrays = to_relax(model)
     tgt = make_target(target)
@@ -132,8 +143,9 @@ def test_int8_linear_with_one_range_per_tensor_equals_the_ort_lowering():
 
 def _shape_vars(func) -> set[str]:
     """Names of the symbolic variables in the shapes of ``func``'s bindings."""
-    from lowbit.backends.tvm.relax_import import _dims, _free_vars
     from tvm import relax
+
+    from lowbit.backends.tvm.relax_import import _dims, _free_vars
 
     names: set[str] = set()
 
@@ -173,11 +185,12 @@ def test_causal_mask_shapes_stay_in_the_input_dimensions_and_match_ort():
 
 def test_unify_symbolic_vars_binds_a_later_variable_to_the_input_dimension():
     pytest.importorskip("tvm")
+    from tvm import relax, tirx
+
     from lowbit.backends.tvm.relax_import import (
         symbolic_equalities,
         unify_symbolic_vars,
     )
-    from tvm import relax, tirx
 
     seq, n = tirx.Var("seq", "int64"), tirx.Var("n", "int64")
     x = relax.Var("x", relax.TensorType([seq], "float32"))

@@ -12,11 +12,12 @@ import json
 import numpy as np
 import onnx_ir as ir
 import pytest
+from onnx import TensorProto, helper, numpy_helper
+
 from lowbit.backends.tvm.lower import LowerToTVMPass
 from lowbit.compiler.core.errors import InputError
 from lowbit.passes.plan import PlanUniformPass
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
-from onnx import TensorProto, helper, numpy_helper
 
 tvm = pytest.importorskip("tvm")
 
@@ -107,7 +108,7 @@ def test_tuned_entry_runs_for_its_length_and_matches_the_untuned_artifact(builds
 
 
 def test_tuning_flags_are_checked(tmp_path, capsys):
-    from lowbit.backends.tvm.artifact import check_tuning
+    from lowbit.backends.tvm.backend import check_tuning
     from lowbit.compiler.cli import main
 
     out = tmp_path / "out"

@@ -2,7 +2,8 @@
 
 The driver's export of the llama2.c checkpoint is the slow, backend-independent part of
 every compile; the frontend has its own tests. These tests compile the same checkpoint
-several times (two backends, two recipes, two targets), so the driver is handed a fresh
+several times (two backends, two recipes, two targets), so the compile's load step
+(``lowbit.compiler.compilation``) is handed a fresh
 copy of one export (``tests.passes.real_models.fresh``) instead.
 """
 
@@ -16,10 +17,10 @@ import pytest
 
 @contextlib.contextmanager
 def exported_once():
-    import lowbit.compiler.driver as driver
+    import lowbit.compiler.compilation as compilation
     from tests.passes.real_models import fresh
 
-    original = driver.load_source
+    original = compilation.load_source
 
     def load(source, *, tokenizer=None, **kw):
         if tokenizer is None and not kw and isinstance(source, (str, Path)) and str(source).endswith(".bin"):
@@ -27,5 +28,5 @@ def exported_once():
         return original(source, tokenizer=tokenizer, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(driver, "load_source", load)
+        mp.setattr(compilation, "load_source", load)
         yield

@@ -9,12 +9,12 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+
+import lowbit
 from lowbit.compiler.cli import main
 from lowbit.compiler.core.artifact import verify_files
 from lowbit.compiler.core.evaluate import greedy
-
-import lowbit
-from tests.compiler.test_registry import install_entry_point
+from tests.compiler.core.test_registry import install_entry_point
 from tests.graphs import mlp
 
 LILY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
@@ -60,6 +60,22 @@ def test_stories_w8a8_keeps_accuracy_and_generation(artifact):
     assert set(m["latency"]) >= {"T=1", "T=128"}
     assert verify_files(artifact) == []
     assert "greedy generation: 32/32 tokens match fp32" in (artifact / "summary.txt").read_text()
+
+
+def test_manifest_layer_table_joins_what_each_pass_recorded(artifact):
+    m = json.loads((artifact / "manifest.json").read_text())
+    layers = m["layers"]
+    assert set(layers) == set(m["plan"]["layers"])  # one row per quantized linear (quantize-weights)
+    assert all(row["kernel"] for row in layers.values())  # the lowering's kernel, every fused member included
+    qkv = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"]
+    assert all(layers[name]["fused_with"] == qkv for name in qkv)  # fuse-linears' group
+    assert len({layers[name]["kernel"] for name in qkv}) == 1  # one kernel runs the group
+    assert "fused_with" not in layers["model.layers.0.mlp.down_proj"]
+    assert list(layers[qkv[0]])[:2] == ["precision", "weight_bits"] and list(layers[qkv[0]])[-2:] == ["fused_with", "kernel"]
+    assert m["structure"]["linears"] == 5 * 7 + 1 and qkv in m["structure"]["groups"]
+    assert list(m["notes"]) == ["fold-norms", "rotate", "calibrate", "smooth", "quantize-embeddings", "fuse-linears",
+                                "lower-ort"]
+    assert m["notes"]["lower-ort"]["lowered"] == sum(m["notes"]["lower-ort"]["kernels"].values())
 
 
 def test_plain_onnxruntime_runs_the_artifact(artifact):
@@ -138,6 +154,41 @@ def test_a_pass_that_breaks_the_graph_fails_the_compile(stories, tmp_path, capsy
     err = _error(capsys, ["compile", str(stories), "-o", str(out), "--recipe", str(recipe)])
     assert "pass BreakGraphPass failed (after CanonicalizePass): the graph is invalid" in err
     assert not out.exists() and leftovers(tmp_path, "out") == []
+
+
+def _fails_before_any_pass(capsys, tmp_path, stories, *args):
+    """The one-line error of a compile that must stop before loading the model or running a pass."""
+    out, dump = tmp_path / "out", tmp_path / "dump"
+    err = _error(capsys, ["compile", str(stories), "-o", str(out), "--dump-ir", str(dump), "--no-latency", *args])
+    assert not dump.exists()  # no pass ran: the IR dump (written from before the first pass) was never started
+    assert not out.exists() and leftovers(tmp_path, "out") == []
+    return err
+
+
+def test_wrong_typed_option_in_a_recipe_fails_before_any_pass_runs(stories, tmp_path, capsys):
+    recipe = tmp_path / "typo.toml"
+    recipe.write_text('[[passes]]\npass = "canonicalize"\n[[passes]]\npass = "calibrate"\n'
+                      '[[passes]]\npass = "smooth"\nmin_gain = "quarter"\n')
+    err = _fails_before_any_pass(capsys, tmp_path, stories, "--recipe", str(recipe))
+    assert err == "lowbit: error: pass 'smooth': option 'min_gain' = 'quarter' is not a float"
+
+
+def test_wrong_typed_set_fails_before_any_pass_runs(stories, tmp_path, capsys):
+    err = _fails_before_any_pass(capsys, tmp_path, stories, "--set", "smooth.min_gain=quarter")
+    assert err == "lowbit: error: pass 'smooth': option 'min_gain' = 'quarter' is not a float"
+    err = _fails_before_any_pass(capsys, tmp_path, stories, "--set", "plan.group_size=true")  # a bool is no int
+    assert err == "lowbit: error: pass 'plan': option 'group_size' = True is not an int"
+    err = _fails_before_any_pass(capsys, tmp_path, stories, "--set", "smooth.min_gain=1.5")  # right type, bad value
+    assert err == "lowbit: error: pass 'smooth': option 'min_gain' = 1.5 must be in [0, 1)"
+
+
+def test_non_integer_calibration_size_fails_naming_section_key_and_value(stories, tmp_path, capsys):
+    recipe = tmp_path / "lots.toml"
+    recipe.write_text('[calibration]\nsamples = "lots"\n[[passes]]\npass = "canonicalize"\n')
+    err = _fails_before_any_pass(capsys, tmp_path, stories, "--recipe", str(recipe))
+    assert err.endswith("lots.toml: [calibration] samples = 'lots' is not an int")
+    err = _fails_before_any_pass(capsys, tmp_path, stories, "--set", "evaluation.seq_len=long")
+    assert err == "lowbit: error: --set evaluation.seq_len: [evaluation] seq_len = 'long' is not an int"
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import json
 
 import onnx_ir as ir
 import pytest
+
 from lowbit.compiler.cli import main
 from lowbit.compiler.core.passbase import CompileContext, assign_debug_ids
 from lowbit.compiler.core.pipeline import DumpIR, run_pipeline
@@ -13,7 +14,6 @@ from lowbit.compiler.diff import diff_dump_folder, diff_models, diff_paths
 from lowbit.passes.plan import PlanUniformPass
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
 from lowbit.passes.recognize import RecognizeStructuresPass
-
 from tests.compiler.custom_passes import InsertIdentityPass
 from tests.compiler.stories_w8a8 import compiled
 from tests.graphs import mlp

@@ -10,6 +10,8 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from rich.console import Console
+
 from lowbit.backends.ort.lower import LowerToORTPass
 from lowbit.compiler.cli import main
 from lowbit.compiler.core.errors import InputError
@@ -33,8 +35,6 @@ from lowbit.passes.calibrate import CalibratePass
 from lowbit.passes.plan import PlanUniformPass
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
 from lowbit.passes.recognize import RecognizeStructuresPass
-from rich.console import Console
-
 from tests.compiler.stories_w8a8 import RECIPE, compiled, explained
 from tests.graphs import mlp
 

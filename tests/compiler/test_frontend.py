@@ -5,6 +5,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
+from torch import nn
+
 from lowbit.compiler.core.errors import InputError
 from lowbit.compiler.frontend import (
     export_to_onnx,
@@ -13,7 +15,6 @@ from lowbit.compiler.frontend import (
     load_source,
 )
 from lowbit.models import load_model
-from torch import nn
 
 
 def ort_session(model: ir.Model, path) -> ort.InferenceSession:

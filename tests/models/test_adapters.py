@@ -5,12 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
 from lowbit.compiler.core.errors import InputError
 from lowbit.compiler.core.tokenizers import Llama2cTokenizer
 from lowbit.models import adapter_for_module, load_model
 from lowbit.models.base import GenericAdapter
 from lowbit.models.llama import LlamaAdapter
-from torch import nn
 
 
 @pytest.fixture(scope="module")

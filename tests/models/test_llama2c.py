@@ -10,6 +10,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+
 from lowbit.compiler.core.errors import InputError
 from lowbit.models import llama2c
 from lowbit.models.llama2c import MAGIC, load_llama2c, read_header, read_weights

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
+
 from lowbit.compiler.core.data import split_text
 from lowbit.compiler.core.ortsession import session_for
 from lowbit.compiler.frontend import load_source

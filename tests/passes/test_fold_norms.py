@@ -2,11 +2,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from onnx import TensorProto, helper, numpy_helper
+
 from lowbit.compiler.core.passbase import CompileContext
 from lowbit.compiler.core.pipeline import Verify, run_pipeline
 from lowbit.passes.fold_norms import FoldNormScalesPass
-from onnx import TensorProto, helper, numpy_helper
-
 from tests.graphs import mlp, ops, run
 from tests.passes.real_models import fresh, max_rel_diff, outputs, windows
 
@@ -24,7 +24,8 @@ def test_gamma_folds_into_both_linears_and_mul_goes():
     gamma = model.graph.initializers["gamma"].const_value.numpy()
     w1, w2, w3 = (model.graph.initializers[w].const_value.numpy().copy() for w in ("w1", "w2", "w3"))
     p = FoldNormScalesPass()
-    assert p(model).modified
+    result = p(model)
+    assert result.modified
     # Expected: the written-out RMSNorm without Mul(gamma); both readers scaled row-wise, down untouched
     assert ops(model) == ["Pow", "ReduceMean", "Add", "Sqrt", "Div", "Mul", "MatMul", "Relu", "MatMul", "MatMul", "Add"]
     up, side = (next(n for n in model.graph if n.name == name) for name in ("up", "side"))
@@ -33,10 +34,11 @@ def test_gamma_folds_into_both_linears_and_mul_goes():
     np.testing.assert_array_equal(const(model, "side"), gamma[:, None] * w3)
     np.testing.assert_array_equal(const(model, "down"), w2)
     np.testing.assert_allclose(run(model, {"x": X})[0], ref, rtol=1e-5, atol=1e-5)
-    assert p.context.notes["fold-norms"] == {"norms_folded": ["norm/gamma"], "scales_folded": [], "skipped": {}}
+    assert result.record.to_json() == {"norms_folded": ["norm/gamma"], "scales_folded": [], "skipped": {}}
     again = FoldNormScalesPass()
-    assert not again(model).modified
-    assert again.context.notes["fold-norms"]["norms_folded"] == []
+    again_result = again(model)
+    assert not again_result.modified
+    assert again_result.record.to_json()["norms_folded"] == []
 
 
 def test_norm_also_read_by_a_non_linear_is_skipped_with_reason():
@@ -51,9 +53,10 @@ def test_norm_also_read_by_a_non_linear_is_skipped_with_reason():
     before = ops(model)
     ref = run(model, {"x": X})[0]
     p = FoldNormScalesPass()
-    assert not p(model).modified
+    result = p(model)
+    assert not result.modified
     assert ops(model) == before
-    assert p.context.notes["fold-norms"]["skipped"] == {"norm/gamma": "norm output also read by Add (extra)"}
+    assert result.record.to_json()["skipped"] == {"norm/gamma": "norm output also read by Add (extra)"}
     np.testing.assert_array_equal(run(model, {"x": X})[0], ref)
 
 
@@ -89,7 +92,8 @@ def test_layernorm_beta_goes_into_existing_bias_and_a_new_add():
     ref = run(model, {"x": x})
     init = {name: v.const_value.numpy().copy() for name, v in model.graph.initializers.items()}
     p = FoldNormScalesPass()
-    assert p(model).modified
+    result = p(model)
+    assert result.modified
     np.testing.assert_array_equal(const(model, "ln", 1), np.ones(6, np.float32))
     np.testing.assert_array_equal(const(model, "ln", 2), np.zeros(6, np.float32))
     np.testing.assert_allclose(const(model, "fc1"), init["gamma"][:, None] * init["w1"], rtol=1e-6)
@@ -138,13 +142,14 @@ def test_per_channel_scale_folds_and_tied_weight_is_untied():
     ref = run(model, feeds)
     w = model.graph.initializers["w"].const_value.numpy().copy()
     p = FoldNormScalesPass()
-    assert p(model).modified
+    result = p(model)
+    assert result.modified
     assert ops(model) == ["MatMul", "Gather"]
     fc, embed = list(model.graph)
     assert embed.inputs[0].name == "w" and fc.inputs[1].name != "w"  # the Gather keeps the original table
     np.testing.assert_array_equal(embed.inputs[0].const_value.numpy(), w)
     np.testing.assert_array_equal(fc.inputs[1].const_value.numpy(), np.array([1, 5, 0.5, 2], np.float32)[:, None] * w)
-    assert p.context.notes["fold-norms"]["scales_folded"] == ["scale"]
+    assert result.record.to_json()["scales_folded"] == ["scale"]
     for got, want in zip(run(model, feeds), ref):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
@@ -154,8 +159,9 @@ def test_scale_read_by_a_non_linear_too_is_skipped_with_reason():
     xs = next(n for n in model.graph if n.name == "scale").outputs[0]
     model.graph.outputs.append(xs)
     p = FoldNormScalesPass()
-    assert not p(model).modified
-    assert p.context.notes["fold-norms"]["skipped"] == {"scale scale": "scaled output xs is a graph output"}
+    result = p(model)
+    assert not result.modified
+    assert result.record.to_json()["skipped"] == {"scale scale": "scaled output xs is a graph output"}
 
 
 def test_stale_statistics_of_folded_norm_outputs_are_dropped():
@@ -178,7 +184,7 @@ def test_stories260k_logits_unchanged_on_held_out_text(stories):
     n_mul = ops(model).count("Mul")
     p = FoldNormScalesPass()
     run_pipeline(model, [p], context=p.context, instruments=[Verify()])
-    notes = p.context.notes["fold-norms"]
+    notes = p.context.results.latest("fold-norms").to_json()  # the record, filed by the pipeline
     assert len(notes["norms_folded"]) == 11 and notes["skipped"] == {}  # 5 x 2 blocks + final norm
     assert ops(model).count("Mul") == n_mul - 11
     assert max_rel_diff(outputs(model, evals), ref) < 1e-4
@@ -189,9 +195,7 @@ def test_minilm_embedding_unchanged_and_post_norms_skipped():
     model, adapter = fresh("all-minilm-l6-v2", cache=False)
     _, evals = windows(adapter, calib=1, evals=4, seq_len=32)
     ref = outputs(model, evals)
-    p = FoldNormScalesPass()
-    p(model)
-    skipped = p.context.notes["fold-norms"]["skipped"]
+    skipped = FoldNormScalesPass()(model).record.skipped
     # BERT is post-norm: every LayerNorm output feeds the next residual Add as well as linears
     assert len(skipped) == 13 and skipped["embeddings.LayerNorm"].startswith("norm output also read by Add")
     rel = max_rel_diff(outputs(model, evals), ref)

@@ -1,10 +1,11 @@
 import numpy as np
+
 from lowbit.compiler.core.passbase import CompileContext, assign_debug_ids
 from lowbit.compiler.core.pipeline import Verify, run_pipeline
+from lowbit.compiler.core.results import manifest_sections
 from lowbit.passes.fuse_linears import DEBUG_IDS_KEY, FuseSharedInputLinearsPass
 from lowbit.passes.plan import PlanUniformPass
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
-
 from tests.graphs import mlp, ops, run
 
 X = np.random.default_rng(2).standard_normal((2, 5, 8)).astype(np.float32)
@@ -32,11 +33,11 @@ def test_shared_input_linears_become_one_exactly():
     before = exact(model)
     ids = [n.metadata_props["lowbit.debug_id"] for n in model.graph if n.name in ("up", "side")]
     p = FuseSharedInputLinearsPass()
-    run_pipeline(model, [p], instruments=[Verify()])
+    run_pipeline(model, [p], context=p.context, instruments=[Verify()])
     assert ops(model).count("MatMul") == 2 and ops(model).count("Split") == 1  # (up+side) and down
     split = next(n for n in model.graph if n.op_type == "Split")
     assert split.metadata_props[DEBUG_IDS_KEY] == ",".join(ids)
-    assert p.context.notes["fuse-linears"]["groups"] == [["up", "side"]]
+    assert p.context.results.latest("fuse-linears").to_json() == {"groups": [["up", "side"]]}
     np.testing.assert_array_equal(exact(model), before)
     assert not any(name.startswith(("up.", "side.")) for name in model.graph.initializers)
     assert not FuseSharedInputLinearsPass()(model).modified
@@ -82,6 +83,6 @@ def test_every_fused_layer_records_the_kernel_it_runs_on():
     model, context = mlp(), CompileContext()
     run_pipeline(model, [PlanUniformPass(precision="w4a8", group_size=16), QuantizeWeightsPass(),
                          FuseSharedInputLinearsPass(), LowerToORTPass()], context=context)
-    table = context.notes["layers"]
+    table = manifest_sections(context.results)["layers"]
     assert table["up"]["fused_with"] == table["side"]["fused_with"] == ["up", "side"] and "fused_with" not in table["down"]
     assert table["up"]["kernel"] == table["side"]["kernel"] == table["down"]["kernel"] == "MatMulNBits(bits=4, block=16, accuracy_level=4)"

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from lowbit.compiler.core.errors import CalibrationError
 from lowbit.compiler.core.ortsession import session_for
 from lowbit.compiler.core.passbase import CompileContext
@@ -14,7 +15,6 @@ from lowbit.passes.quantize_weights import (
     quantize_weight,
 )
 from lowbit.passes.recognize import find_linears
-
 from tests.graphs import mlp
 from tests.passes.real_models import fresh, windows
 
@@ -133,7 +133,7 @@ def test_stories260k_gptq_beats_rtn_on_every_linear(shared_dir):
     PlanUniformPass(precision="w4a16", group_size=32, weight_algorithm="gptq")(model)
     q = QuantizeWeightsPass()
     q.context = CompileContext(calibration_batches=calib, progress=False)
-    q(model)
+    table = q(model).record.layers
     dq = {n.metadata_props["lowbit.layer"]: n for n in model.graph if n.op_type == "DequantizeLinear"}
     assert len(dq) == len(linears) == 36
     ratios = {}
@@ -144,7 +144,7 @@ def test_stories260k_gptq_beats_rtn_on_every_linear(shared_dir):
         rtn = quantize_weight(w, 4, group_size=32).dequantize()
         x = x_of[name]
         ratios[name] = out_err(x, w, w_q) / out_err(x, w, rtn)
-        note = q.context.notes["layers"][name]
+        note = table[name]
         assert note["output_rel_error"] < note["output_rel_error_rtn"]
     worst = max(ratios, key=ratios.get)
     assert ratios[worst] < 1.0, f"GPTQ worse than RTN on {worst}: {ratios[worst]:.3f}"

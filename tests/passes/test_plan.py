@@ -1,11 +1,11 @@
 import numpy as np
 import onnx_ir as ir
 import pytest
+
 from lowbit.compiler.core.calibration import observe
 from lowbit.compiler.core.errors import InputError
 from lowbit.compiler.core.plan import Plan, read_plan
 from lowbit.passes.plan import PlanUniformPass
-
 from tests.graphs import mlp
 
 
@@ -52,6 +52,21 @@ def test_no_quantizable_linear_is_an_error():
         n.inputs[1].const_value = None  # weights become graph-computed: nothing to quantize
     with pytest.raises(InputError, match="no quantizable linear"):
         PlanUniformPass()(model)
+
+
+def test_static_activations_need_a_calibrate_before_the_plan():
+    from lowbit.compiler.core.errors import PassFailedError
+    from lowbit.compiler.core.passbase import CompileContext
+    from lowbit.compiler.core.pipeline import run_pipeline
+
+    with pytest.raises(PassFailedError, match=r"plan \(static activation quantization\) needs calibration statistics: "
+                                              r"put a 'calibrate' pass before it$"):
+        run_pipeline(mlp(), [PlanUniformPass(activations="static")], context=CompileContext())
+    model = mlp()
+    context = CompileContext(stats=observe(model, ["xn", "hr"], [{"x": np.ones((1, 2, 8), np.float32)}],
+                                           show_progress=False))
+    run_pipeline(model, [PlanUniformPass(activations="static")], context=context)
+    assert {lp.activations for lp in read_plan(model).layers.values()} == {"static"}
 
 
 def test_plan_json_round_trip():

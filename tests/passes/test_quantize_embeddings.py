@@ -29,7 +29,8 @@ def test_rows_quantized_and_lookup_close():
     model, table = embedding_model()
     ids = np.array([[0, 7, 299, 5]], np.int64)
     p = QuantizeEmbeddingsPass(min_bytes=0)
-    assert p(model).modified
+    result = p(model)
+    assert result.modified
     assert ops(model) == ["Gather", "Cast", "Gather", "Unsqueeze", "Mul"]
     assert model.graph.initializers["E.q"].const_value.dtype == ir.DataType.INT8
     out = run(model, {"ids": ids})[0]
@@ -37,19 +38,21 @@ def test_rows_quantized_and_lookup_close():
     scale = np.abs(table).max(axis=1) / 127
     assert (np.abs(out - ref) <= scale[ids][..., None] / 2 + 1e-7).all()
     assert (out[0, 1] == 0).all()  # the all-zero row stays exactly zero
-    assert "E" in p.context.notes["quantize-embeddings"]["quantized"]
+    assert "E" in result.record.to_json()["quantized"]
     assert not QuantizeEmbeddingsPass(min_bytes=0)(model).modified
 
 
 def test_tied_and_small_tables_are_skipped_with_reasons():
     model, _ = embedding_model(tied=True)
     p = QuantizeEmbeddingsPass(min_bytes=0)
-    assert not p(model).modified
-    assert p.context.notes["quantize-embeddings"]["skipped"]["E"] == "table is read by other nodes too (tied weights)"
+    result = p(model)
+    assert not result.modified
+    assert result.record.to_json()["skipped"]["E"] == "table is read by other nodes too (tied weights)"
     model, _ = embedding_model(rows=100)
     p = QuantizeEmbeddingsPass(min_bytes=100 * 16 * 4 + 1)
-    assert not p(model).modified
-    assert p.context.notes["quantize-embeddings"]["skipped"]["E"] == "smaller than 6401 bytes"
+    result = p(model)
+    assert not result.modified
+    assert result.record.to_json()["skipped"]["E"] == "smaller than 6401 bytes"
 
 
 def test_quantize_rows_zero_row():

@@ -1,14 +1,15 @@
 import numpy as np
 import pytest
+
 from lowbit.compiler.core.calibration import observe
 from lowbit.compiler.core.errors import InputError
+from lowbit.compiler.core.passbase import CompileContext
 from lowbit.passes.plan import PlanUniformPass
 from lowbit.passes.quantize_weights import (
     QuantizeWeightsPass,
     activation_qparams,
     quantize_per_channel,
 )
-
 from tests.graphs import mlp, ops, run
 
 X = np.random.default_rng(3).standard_normal((2, 16, 8)).astype(np.float32)
@@ -44,14 +45,15 @@ def test_weights_become_int8_dequantize_and_function_is_close():
     ref = run(model, {"x": X})[0]
     PlanUniformPass(exclude=["down"])(model)
     q = QuantizeWeightsPass()
-    assert q(model).modified
+    result = q(model)
+    assert result.modified
     assert ops(model).count("DequantizeLinear") == 2  # up and side; down stays fp32
     dq = [n for n in model.graph if n.op_type == "DequantizeLinear"]
     assert all(n.inputs[0].const_value.dtype.name == "INT8" for n in dq)
     assert all(n.metadata_props["lowbit.pass"] == "QuantizeWeightsPass" for n in dq)
     out = run(model, {"x": X})[0]
     assert np.abs(out - ref).max() / np.abs(ref).max() < 0.02
-    assert set(q.context.notes["layers"]) == {"up", "side"}
+    assert set(result.record.layers) == {"up", "side"} and result.record.section == "layers"
 
 
 def test_static_activations_get_shared_qdq():
@@ -61,12 +63,25 @@ def test_static_activations_get_shared_qdq():
     plan(model)
     q = QuantizeWeightsPass()
     q.context = plan.context
-    q(model)
+    result = q(model)
     assert ops(model).count("QuantizeLinear") == 2  # one for xn (shared by up and side), one for hr
     out = run(model, {"x": X})[0]
     ref = run(mlp(), {"x": X})[0]
     assert np.abs(out - ref).max() / np.abs(ref).max() < 0.05
-    assert "act_scale" in q.context.notes["layers"]["up"]
+    assert "act_scale" in result.record.layers["up"]
+
+
+def test_static_activations_need_calibration_statistics():
+    from lowbit.compiler.core.errors import PassFailedError
+    from lowbit.compiler.core.pipeline import run_pipeline
+
+    model = mlp()
+    plan = PlanUniformPass(activations="static")
+    plan.context.stats.update(observe(model, ["xn", "hr"], [{"x": X}], show_progress=False))
+    plan(model)  # the plan was made with statistics; this compile context has none
+    with pytest.raises(PassFailedError, match=r"quantize-weights \(static activations of down\) needs calibration "
+                                              r"statistics: put a 'calibrate' pass before it$"):
+        run_pipeline(model, [QuantizeWeightsPass()], context=CompileContext())
 
 
 def test_needs_a_plan():
@@ -102,8 +117,7 @@ def test_all_zero_channel_is_an_error_unless_kept():
     with pytest.raises(InputError, match=r"layer down: 1 output channel\(s\) of the weight are all zero \(first: 3\)"):
         QuantizeWeightsPass()(model)
     q = QuantizeWeightsPass(zero_channels="keep")
-    q(model)
-    assert q.context.notes["layers"]["down"]["zero_channels"] == 1
+    assert q(model).record.layers["down"]["zero_channels"] == 1
     ref = run(mlp(), {"x": X})[0]  # channel 3 of "down" contributes 0 now; others stay close
     out = run(model, {"x": X})[0]
     assert np.isfinite(out).all()
@@ -185,7 +199,8 @@ def test_qdq_forms_run_and_match_the_quantized_weights(precision, group, symmetr
     ref = run(model, {"x": X})[0]
     PlanUniformPass(precision=precision, group_size=group or 0, symmetric=symmetric)(model)
     q = QuantizeWeightsPass()
-    assert q(model).modified
+    result = q(model)
+    assert result.modified
     dqs = [n for n in model.graph if n.op_type == "DequantizeLinear"]
     assert len(dqs) == 3 and {n.inputs[0].const_value.dtype.name for n in dqs} == {dtype}
     up = next(n for n in dqs if n.name == "up/weight_dq")
@@ -195,7 +210,7 @@ def test_qdq_forms_run_and_match_the_quantized_weights(precision, group, symmetr
     else:
         assert up.attributes["axis"].value == 1 and tuple(up.inputs[1].shape) == (16,)
     assert (len(up.inputs) == 3) == (not symmetric)
-    entry = q.context.notes["layers"]["up"]
+    entry = result.record.layers["up"]
     assert (entry["group_size"], entry["symmetric"], entry["weight_bits"]) == (group, symmetric, int(precision[1]))
     out = run(model, {"x": X})[0]
     bound = 0.2 if precision.startswith("w4") else 0.03

@@ -1,5 +1,6 @@
 import numpy as np
 import onnx_ir as ir
+
 from lowbit.compiler.core.passbase import LAYER_KEY
 from lowbit.passes.recognize import (
     ROLE_KEY,
@@ -9,7 +10,6 @@ from lowbit.passes.recognize import (
     find_norms,
     linear_groups,
 )
-
 from tests.graphs import mlp
 
 
@@ -29,12 +29,13 @@ def test_linears_norms_and_groups():
 def test_pass_tags_nodes_and_second_run_is_unmodified():
     model = mlp()
     p = RecognizeStructuresPass()
-    assert p(model).modified
+    result = p(model)
+    assert result.modified
     up = next(n for n in model.graph if n.name == "up")
     assert up.metadata_props[LAYER_KEY] == "up" and up.metadata_props[ROLE_KEY] == "linear"
     assert next(n for n in model.graph if n.name == "norm/pow").metadata_props[ROLE_KEY] == "rmsnorm"
     assert not RecognizeStructuresPass()(model).modified
-    assert p.context.notes["recognize"]["linears"] == 3
+    assert result.record.linears == 3 and result.record.to_json()["groups"] == [["up", "side"]]
 
 
 def test_non_constant_weight_is_rejected_with_reason():

@@ -2,6 +2,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from onnx import TensorProto, helper, numpy_helper
+
 from lowbit.compiler.core.calibration import observe
 from lowbit.compiler.core.errors import InputError, LowbitError, PassFailedError
 from lowbit.compiler.core.passbase import CompileContext
@@ -14,8 +16,6 @@ from lowbit.passes.rotate import (
     hadamard_like,
     online_factors,
 )
-from onnx import TensorProto, helper, numpy_helper
-
 from tests.graphs import mlp, run
 from tests.passes.real_models import fresh, max_rel_diff, outputs, windows
 
@@ -125,7 +125,8 @@ def test_tiny_lm_weights_absorb_q_and_function_is_kept():
     ref = run(model, IDS)[0]
     w = weights(model)
     p = RotateResidualStreamPass(seed=3)
-    assert p(model).modified
+    result = p(model)
+    assert result.modified and result.record.clears_stats
     q = hadamard_like(8, np.random.default_rng(3), random_signs=True).dense()
     got = {n.name: n for n in model.graph}
     # Expected: E Q; readers Qᵀ diag(g) W; writer W Q and bias b Q; gamma Muls gone
@@ -136,7 +137,7 @@ def test_tiny_lm_weights_absorb_q_and_function_is_kept():
     np.testing.assert_allclose(got["down"].inputs[1].const_value.numpy(), w["w_down"] @ q, atol=1e-6)
     np.testing.assert_allclose(got["down/bias"].inputs[1].const_value.numpy(), w["b_down"] @ q, atol=1e-6)
     assert "n1/gamma" not in got and "n2/gamma" not in got
-    notes = p.context.notes["rotate"]
+    notes = result.record.to_json()
     assert notes["readers"] == ["up", "head"] and notes["writers"] == ["down"] and notes["embeddings"] == ["embed"]
     assert notes["norms_folded"] == ["n1/gamma", "n2/gamma"]
     np.testing.assert_allclose(run(model, IDS)[0], ref, rtol=1e-5, atol=1e-5)
@@ -157,9 +158,30 @@ def test_online_down_proj_inserts_two_small_matmuls_and_one_transpose():
     assert rejected["down/online_hadamard/right"].startswith("online Hadamard")
     assert chain[0].inputs[0].name == "act" and down.inputs[0] is chain[-1].outputs[0]
     assert all(n.metadata_props["lowbit.pass"] == "RotateResidualStreamPass" for n in chain)
-    assert context.notes["rotate"]["online_down_proj"] == {"down": "3x3 ⊗ 4x4"}
+    assert context.results.latest("rotate").online_down_proj == {"down": "3x3 ⊗ 4x4"}
     assert context.stats == {}  # every activation changed: statistics are stale
     np.testing.assert_allclose(run(model, IDS)[0], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_calibrate_must_follow_rotate_before_statistics_are_read():
+    from lowbit.passes.calibrate import CalibratePass
+    from lowbit.passes.plan import PlanUniformPass
+    from lowbit.passes.smooth import SmoothActivationsPass
+
+    def context():
+        return CompileContext(calibration_batches=[IDS], progress=False)
+
+    cleared = r"needs calibration statistics: put a 'calibrate' pass before it \(the 'rotate' pass cleared them, " \
+              r"as every activation changed: a 'calibrate' must follow 'rotate'\)$"
+    with pytest.raises(PassFailedError, match=r"pass SmoothActivationsPass failed \(after CalibratePass, "
+                                              r"RotateResidualStreamPass\): smooth " + cleared):
+        run_pipeline(tiny_lm(), [CalibratePass(), RotateResidualStreamPass(), SmoothActivationsPass()], context=context())
+    with pytest.raises(PassFailedError, match=r"plan \(static activation quantization\) " + cleared):
+        run_pipeline(tiny_lm(), [CalibratePass(), RotateResidualStreamPass(), PlanUniformPass(activations="static")],
+                     context=context())
+    ok = context()
+    run_pipeline(tiny_lm(), [RotateResidualStreamPass(), CalibratePass(), SmoothActivationsPass(alpha=0.5)], context=ok)
+    assert [name for name, _ in ok.results] == ["rotate", "calibrate", "smooth"] and ok.stats
 
 
 def test_extra_reader_of_the_stream_is_refused_naming_the_node():
@@ -176,10 +198,11 @@ def test_layernorm_is_refused_and_non_strict_skips_with_the_reason():
     before = weights(model)
     p = RotateResidualStreamPass(strict=False)
     result = p(model)
-    refused = p.context.notes["rotate"]["refused"]
+    refused = result.record.refused
+    assert not result.record.clears_stats  # nothing rotated: the statistics of unfolded tensors still hold
     assert refused.startswith("n1 is a LayerNorm on the residual stream: its mean subtraction does not commute")
     # the LayerNorm's gamma was folded (function-preserving); nothing was rotated
-    assert result.modified and p.context.notes["rotate"]["norms_folded"] == ["n1", "n2/gamma"]
+    assert result.modified and result.record.to_json() == {"norms_folded": ["n1", "n2/gamma"], "refused": refused}
     np.testing.assert_array_equal(weights(model)["E"], before["E"])
 
 
@@ -196,11 +219,11 @@ def test_per_head_v_without_attention_is_refused():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"learn_steps": -1}, "learn_steps must be >= 0"),
-    ({"learn_batch": 0}, "learn_batch >= 1"),
-    ({"learn_bits": 3}, "learn_bits must be 4 or 8"),
-    ({"learn_group_size": -32}, "learn_group_size >= 0"),
-    ({"learn_objective": "mse"}, "learn_objective must be 'kl' or 'incoherence'"),
+    ({"learn_steps": -1}, "option 'learn_steps' = -1 must be >= 0"),
+    ({"learn_batch": 0}, "option 'learn_batch' = 0 must be >= 1"),
+    ({"learn_bits": 3}, "option 'learn_bits' = 3 must be 4 or 8"),
+    ({"learn_group_size": -32}, "option 'learn_group_size' = -32 must be >= 0"),
+    ({"learn_objective": "mse"}, "option 'learn_objective' = 'mse' must be 'kl' or 'incoherence'"),
 ])  # fmt: skip
 def test_bad_learning_options_are_refused(options, message):
     with pytest.raises(InputError, match=message):
@@ -225,7 +248,7 @@ def test_stories260k_fold_and_rotate_keep_logits(stories):
     model, _ = fresh(source)
     p = RotateResidualStreamPass(seed=1, per_head_v=True, online_down_proj=True)
     run_pipeline(model, [p], context=p.context, instruments=[Verify()])
-    notes = p.context.notes["rotate"]
+    notes = p.context.results.latest("rotate").to_json()
     assert len(notes["norms_folded"]) == 11 and len(notes["readers"]) == 5 * 5 + 1 and len(notes["writers"]) == 10
     assert set(notes["per_head_v"].values()) == {8} and len(notes["per_head_v"]) == 5 * 2  # v_proj and o_proj
     assert set(notes["online_down_proj"].values()) == {"43x43 ⊗ 4x4"}

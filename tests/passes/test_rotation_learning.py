@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+
 from lowbit.compiler.core.passbase import CompileContext
 from lowbit.passes.quantize_weights import Grid, quantize_weight
 from lowbit.passes.rotate import RotateResidualStreamPass, find_residual_stream
@@ -10,7 +11,6 @@ from lowbit.passes.rotation_learning import (
     incoherence,
     stream_weights,
 )
-
 from tests.passes.real_models import fresh, max_rel_diff, outputs, windows
 
 
@@ -36,8 +36,7 @@ def test_learned_rotation_keeps_the_function_and_lowers_the_quantized_loss(share
     p = RotateResidualStreamPass(per_head_v=True, learn_steps=60, learn_objective="kl", learn_lr=1e-2, learn_batch=4,
                                  learn_group_size=0)
     p.context = CompileContext(calibration_batches=calib, progress=False)
-    p(model)
-    notes = p.context.notes["rotate"]
+    notes = p(model).record.to_json()
     learned = notes["learned"]
     assert learned["kept"] == "learned" and notes["rotation"].endswith(", learned")
     assert learned["fake_quant_kl_learned"] < 0.9 * learned["fake_quant_kl_start"]
@@ -73,8 +72,7 @@ def test_incoherence_learning_keeps_the_function_and_spreads_the_weights(shared_
     ref = outputs(model, evals)
     p = RotateResidualStreamPass(per_head_v=True, learn_steps=100, learn_lr=1e-2)
     p.context = CompileContext(progress=False)  # data-free: no calibration windows needed
-    p(model)
-    learned = p.context.notes["rotate"]["learned"]
+    learned = p(model).record.learned
     assert learned["objective"] == "incoherence" and learned["kept"] == "learned"
     assert learned["kurtosis_learned"] < 0.95 * learned["kurtosis_start"]
     assert max_rel_diff(outputs(model, evals), ref) < 1e-4

@@ -6,6 +6,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from onnx import TensorProto, helper, numpy_helper
+
 from lowbit.compiler.core.calibration import observe
 from lowbit.compiler.core.errors import PassFailedError
 from lowbit.compiler.core.ortsession import session_for
@@ -18,8 +20,6 @@ from lowbit.passes.smooth import (
     quantize_activations,
     smoothing_scales,
 )
-from onnx import TensorProto, helper, numpy_helper
-
 from tests.graphs import mlp, run
 
 RNG = np.random.default_rng(7)
@@ -51,7 +51,7 @@ def test_mlp_norm_absorbs_the_scale_and_relu_group_is_skipped():
     x_absmax = observe(model, ["xn"], BATCHES, show_progress=False)["xn"].absmax
     p = _smooth(model)
     assert p.result.modified
-    notes = p.context.notes["smooth"]
+    notes = p.result.record.to_json()
     up = notes["groups"]["up+side"]
     assert up["via"] == "rmsnorm norm/gamma" and up["input"] == "xn"
     assert notes["groups"]["down"] == {"skipped": "input produced by Relu (act): cannot absorb a per-channel scale"}
@@ -78,7 +78,7 @@ def test_searched_alpha_beats_no_smoothing_on_held_out_rows():
     w = np.concatenate([_const(model, "w1"), _const(model, "w3")], axis=1)
     x_absmax = observe(model, ["xn"], BATCHES, show_progress=False)["xn"].absmax
     held = session_for(mlp(outlier=50), ["xn"]).run(["xn"], HELD_OUT)[0].reshape(-1, 8)
-    up = _smooth(model).context.notes["smooth"]["groups"]["up+side"]
+    up = _smooth(model).result.record.to_json()["groups"]["up+side"]
     assert up["error_after"] < up["error_before"]  # on the calibration sample
     w_absmax = np.abs(w).max(axis=1)
     searched = group_error(held, w, smoothing_scales(x_absmax, w_absmax, up["alpha"]))
@@ -90,21 +90,21 @@ def test_searched_alpha_beats_no_smoothing_on_held_out_rows():
 def test_fixed_alpha_and_per_tensor_search():
     model = mlp(outlier=50)
     p = _smooth(model, alpha=0.5)
-    assert p.context.notes["smooth"]["groups"]["up+side"]["alpha"] == 0.5
+    assert p.result.record.to_json()["groups"]["up+side"]["alpha"] == 0.5
     q = _smooth(mlp(outlier=50), act_granularity="per-tensor", alpha_grid=[0.2, 0.5, 0.8])
-    rec = q.context.notes["smooth"]["groups"]["up+side"]
+    rec = q.result.record.to_json()["groups"]["up+side"]
     assert rec["alpha"] in (0.2, 0.5, 0.8) and rec["error_after"] < rec["error_before"]
 
 
 def test_min_gain_leaves_groups_whose_error_falls_less():
     gain = lambda rec: 1 - rec["error_after"] / rec["error_before"]  # noqa: E731
-    rec = _smooth(mlp(outlier=50)).context.notes["smooth"]["groups"]["up+side"]
+    rec = _smooth(mlp(outlier=50)).result.record.to_json()["groups"]["up+side"]
     assert 0.5 < gain(rec) < 0.99
-    kept = _smooth(mlp(outlier=50), min_gain=0.5).context.notes["smooth"]["groups"]["up+side"]
+    kept = _smooth(mlp(outlier=50), min_gain=0.5).result.record.to_json()["groups"]["up+side"]
     assert kept["alpha"] == rec["alpha"]
     model = mlp(outlier=50)
     w1 = _const(model, "w1").copy()
-    skipped = _smooth(model, min_gain=0.99).context.notes["smooth"]["groups"]["up+side"]
+    skipped = _smooth(model, min_gain=0.99).result.record.to_json()["groups"]["up+side"]
     assert skipped["skipped"].startswith("no alpha lowers the simulated error by 99%")
     np.testing.assert_array_equal(_const(model, "w1"), w1)
     with pytest.raises(ValueError, match="min_gain"):
@@ -127,13 +127,13 @@ def test_other_reader_of_x_skips_the_group_or_gets_the_scale_back():
     p = _smooth(model)
     assert not p.result.modified
     assert ir.to_proto(model).SerializeToString() == before
-    assert p.context.notes["smooth"]["groups"]["up+side"]["skipped"].startswith("xn is also read by Neg (extra)")
+    assert p.result.record.to_json()["groups"]["up+side"]["skipped"].startswith("xn is also read by Neg (extra)")
 
     ref = run(with_extra_reader(), HELD_OUT)
     model = with_extra_reader()
     p = _smooth(model, other_uses="rescale")
     assert p.result.modified
-    assert p.context.notes["smooth"]["groups"]["up+side"]["rescaled_readers"] == ["Neg (extra)"]
+    assert p.result.record.to_json()["groups"]["up+side"]["rescaled_readers"] == ["Neg (extra)"]
     for a, b in zip(run(model, HELD_OUT), ref):
         assert np.abs(a - b).max() / np.abs(b).max() < 1e-5
 
@@ -182,7 +182,7 @@ def test_layernorm_beta_and_biased_linear_through_reshapes_absorb_scales():
     old = {n: _const(model, n) for n in ("g", "b", "w1", "b1", "w2", "w3")}
     ref = run(_layernorm_attention_like(), HELD_OUT)[0]
     p = _smooth(model, alpha=0.5)
-    groups = p.context.notes["smooth"]["groups"]
+    groups = p.result.record.to_json()["groups"]
     assert groups["fc1+fc3"]["via"] == "layernorm ln"
     assert groups["fc2"]["via"] == "fc1 output columns through Reshape <- Transpose <- Transpose <- Reshape <- Add"
     s13 = _row_scale(_const(model, "w3"), old["w3"])
@@ -221,7 +221,7 @@ def test_needs_calibration_statistics():
 def test_bad_options():
     with pytest.raises(ValueError, match="act_granularity"):
         SmoothActivationsPass(act_granularity="per-channel")
-    with pytest.raises(ValueError, match="alpha must be in"):
+    with pytest.raises(ValueError, match=r"^pass 'smooth': option 'alpha' = 1.5 must be in \[0, 1\]$"):
         SmoothActivationsPass(alpha=1.5)
 
 
@@ -264,7 +264,7 @@ def test_stories260k_smoothing_keeps_logits(shared_dir):
                                 calib_data=shared_dir.parent / "data" / "tinystories.txt")
     ref = _outputs(model, evals)
     context = _smooth_real(model, calib, alpha_grid=[0.3, 0.5, 0.7], max_rows=256)
-    notes = context.notes["smooth"]
+    notes = context.results.latest("smooth").to_json()
     groups = notes["groups"]
     # every group of the 5 layers + lm_head: norms, v_proj through GQA's repeat, up_proj through SwiGLU
     assert len(groups) == 5 * 4 + 1
@@ -296,8 +296,9 @@ def test_smollm2_keeps_logits_and_search_helps_the_worst_outlier_group():
 
     p = SmoothActivationsPass()
     p.context = stats
-    assert p(model).modified
-    notes = stats.notes["smooth"]
+    result = p(model)
+    assert result.modified
+    notes = result.record.to_json()
     rec = notes["groups"][key]
     assert "alpha" in rec, rec
     assert _max_rel(_outputs(model, evals), ref) < 1e-4
@@ -317,7 +318,7 @@ def test_minilm_keeps_embeddings(other_uses):
     model, calib, evals = _real("all-minilm-l6-v2")
     ref = _outputs(model, evals)
     context = _smooth_real(model, calib, other_uses=other_uses)
-    groups = context.notes["smooth"]["groups"]
+    groups = context.results.latest("smooth").groups
     dense = groups["encoder.layer.0.attention.output.dense"]
     assert dense.get("via", "").startswith("encoder.layer.0.attention.self.value output columns through"), dense
     qkv = next(g for k, g in groups.items() if k.startswith("encoder.layer.0.attention.self.query"))

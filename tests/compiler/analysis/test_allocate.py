@@ -6,6 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
+
 from lowbit.compiler.analysis import allocate
 from lowbit.compiler.core.errors import InputError
 

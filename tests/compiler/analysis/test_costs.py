@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from lowbit.compiler.analysis.candidates import Candidate
 from lowbit.compiler.analysis.costs import CostTable, layer_costs
 

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+
 from lowbit.compiler.analysis.plan_mixed import NOTES_KEY, PlanMixedPrecisionPass
 from lowbit.compiler.cli import main
 from lowbit.compiler.core.errors import InputError
@@ -22,7 +23,6 @@ from lowbit.compiler.core.pipeline import run_pipeline
 from lowbit.compiler.core.plan import read_plan
 from lowbit.compiler.core.recipe import load_recipe
 from lowbit.passes.recognize import find_linears
-
 from tests.passes.real_models import fresh, windows
 
 FAST = {

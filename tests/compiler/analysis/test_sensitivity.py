@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 import pytest
+
 from lowbit.backends.ort.lower import LowerToORTPass
 from lowbit.compiler.analysis import sensitivity as S
 from lowbit.compiler.analysis.candidates import Candidate, parse_candidates
@@ -15,7 +16,6 @@ from lowbit.compiler.core.pipeline import run_pipeline
 from lowbit.compiler.core.recipe import load_recipe
 from lowbit.passes.plan import PlanUniformPass
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
-
 from tests.passes.real_models import fresh, outputs, windows
 
 CANDS = parse_candidates(["fp32", "w8a8", "w4a16-g32", "w4a8-g128"])

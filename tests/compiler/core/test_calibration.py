@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+
 from lowbit.compiler.core.calibration import TensorObserver, check_inputs, observe
 from lowbit.compiler.core.errors import CalibrationError
 

@@ -1,5 +1,6 @@
 import onnx
 import pytest
+
 from lowbit.compiler.core.errors import PassFailedError
 from lowbit.compiler.core.pipeline import DumpIR, PassLog, Verify, run_pipeline
 from lowbit.passes import (
@@ -8,7 +9,6 @@ from lowbit.passes import (
     QuantizeWeightsPass,
     RecognizeStructuresPass,
 )
-
 from tests.compiler.custom_passes import BreakGraphPass, InsertIdentityPass
 from tests.graphs import mlp
 
@@ -40,3 +40,35 @@ def test_a_pass_that_raises_is_named():
 
     with pytest.raises(PassFailedError, match="pass Boom failed .*RuntimeError: kaboom"):
         run_pipeline(mlp(), [Boom()])
+
+
+def test_records_are_collected_in_run_order_with_free_form_notes_in_place():
+    from lowbit.compiler.core.passbase import CompileContext
+    from lowbit.compiler.core.results import manifest_sections
+    from lowbit.passes.recognize import RecognizeRecord
+
+    class NotingPass(InsertIdentityPass):  # a third-party pass that writes free-form notes
+        def call(self, model):
+            self.context.notes["plugin"] = {"saw": len(list(model.graph))}
+            return super().call(model)
+
+    noting = NotingPass()
+    context = CompileContext()
+    noting.context = context  # not a LowbitPass: the pipeline leaves its context alone
+    passes = [CanonicalizePass(), RecognizeStructuresPass(), noting, PlanUniformPass(), QuantizeWeightsPass()]
+    run_pipeline(mlp(), passes, context=context)
+    assert [name for name, _ in context.results] == ["recognize", "plugin", "quantize-weights"]
+    assert isinstance(context.results.latest("recognize"), RecognizeRecord)
+    sections = manifest_sections(context.results, context.notes)
+    assert list(sections["notes"]) == ["plugin"] and set(sections["layers"]) == {"up", "down", "side"}
+    assert sections["structure"]["linears"] == 3
+
+
+def test_a_failed_requires_names_what_is_missing_and_who_provides_it():
+    from lowbit.passes.fuse_linears import FuseSharedInputLinearsPass
+
+    with pytest.raises(PassFailedError, match=r"^pass FuseSharedInputLinearsPass failed \(after PlanUniformPass\): "
+                                              r"fuse-linears needs quantized weights, and 3 planned layer\(s\) still have "
+                                              r"float weights \(e.g. up, planned w8a8\): put 'quantize-weights' before "
+                                              r"'fuse-linears'$"):
+        run_pipeline(mlp(), [PlanUniformPass(), FuseSharedInputLinearsPass()])

@@ -3,10 +3,10 @@
 import json
 
 import pytest
+
 from lowbit.compiler.core.errors import InputError
 from lowbit.compiler.core.plan import LayerPlan, Plan, read_plan, write_plan
 from lowbit.passes.plan import PlanUniformPass
-
 from tests.graphs import mlp
 
 

@@ -4,6 +4,7 @@ import random
 import time
 
 import pytest
+
 from lowbit.compiler.core.data import builtin_text
 from lowbit.compiler.core.errors import InputError
 from lowbit.compiler.core.tokenizers import (

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 import torch
-from lowbit.compiler.core.torch_graph import UnsupportedOpError, graph_params, run_graph
 
+from lowbit.compiler.core.torch_graph import UnsupportedOpError, graph_params, run_graph
 from tests.graphs import mlp, run
 from tests.passes.real_models import fresh, outputs, windows
 
