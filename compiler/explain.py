@@ -81,6 +81,7 @@ from lowbit.compiler.core.passbase import (
 from lowbit.compiler.core.pipeline import Instrument, pass_name, run_pipeline
 from lowbit.compiler.core.plan import PRECISIONS, read_plan, write_plan
 from lowbit.compiler.core.progress import progress as progress_bar
+from lowbit.compiler.core.recipe import parse_recipe
 from lowbit.passes.recognize import find_linears
 
 EXPLAIN_FILE = "explain.json"
@@ -148,8 +149,6 @@ def reproduction_args(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def _recipe_from_manifest(manifest: dict[str, Any]):
-    from lowbit.compiler.core.recipe import parse_recipe
-
     resolved = dict(manifest["recipe"])
     source = resolved.pop("source", "")
     passes = []

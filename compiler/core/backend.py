@@ -38,6 +38,8 @@ from typing import Any, ClassVar
 import onnx_ir as ir
 
 from lowbit.compiler.core.errors import InputError
+from lowbit.compiler.core.recipe import PassSpec
+from lowbit.compiler.core.registry import pass_options, resolve_pass
 
 logger = logging.getLogger("lowbit")
 ENTRY_POINT_GROUP = "lowbit.backends"
@@ -130,9 +132,6 @@ class Backend(abc.ABC):
                 known = ", ".join(sorted(others | {self.lowering}))
                 raise InputError(f"recipe {recipe.name!r} has no lowering pass ({known}) for --backend {self.name} to replace")
             return
-        from lowbit.compiler.core.recipe import PassSpec
-        from lowbit.compiler.core.registry import pass_options, resolve_pass
-
         ours = {o.name for o in pass_options(resolve_pass(self.lowering))}
         for i, spec in enumerate(recipe.passes):
             if spec.name in others:
