@@ -71,7 +71,7 @@ from lowbit.compiler.core.quantized import (
     require_quantized,
     static_activation,
 )
-from lowbit.compiler.core.results import PassRecord, internal
+from lowbit.compiler.core.results import LoweringRecord
 
 
 def nbits_layout(qw: QuantizedWeight) -> tuple[int, np.ndarray, np.ndarray | None] | None:
@@ -119,16 +119,10 @@ class LowerORTOptions(PassOptions):
 
 
 @dataclasses.dataclass
-class LowerORTRecord(PassRecord):
+class LowerORTRecord(LoweringRecord):
     """Layers lowered, per kernel; layers kept in QDQ form, with the reason."""
 
-    lowered: int
-    kernels: dict[str, int]
-    kept_qdq: dict[str, str]
-    by_layer: dict[str, str] = internal(default_factory=dict)  # layer (a fused group's first) -> kernel
-
-    def layer_kernels(self) -> dict[str, str]:
-        return self.by_layer
+    kept_qdq: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class LowerToORTPass(LowbitPass):
@@ -179,7 +173,7 @@ class LowerToORTPass(LowbitPass):
             DeduplicateInitializersPass()(model)
             CommonSubexpressionEliminationPass()(model)
             RemoveUnusedNodesPass()(model)
-        return self.result(model, lowered > 0, LowerORTRecord(lowered, kernels, kept, by_layer))
+        return self.result(model, lowered > 0, LowerORTRecord(lowered, kernels, by_layer, kept))
 
     def _lower(self, graph: ir.Graph, node: ir.Node, layer: str, lp, qw: QuantizedWeight) -> tuple[ir.Value | None, str]:
         """The lowered output and a kernel label; (None, reason) when the QDQ pair stays."""

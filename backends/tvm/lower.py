@@ -44,7 +44,7 @@ from lowbit.compiler.core.quantized import (
     require_quantized,
     static_activation,
 )
-from lowbit.compiler.core.results import PassRecord, internal
+from lowbit.compiler.core.results import LoweringRecord
 
 
 def is_lowered(model: ir.Model) -> bool:
@@ -64,25 +64,13 @@ class LowerTVMOptions(PassOptions):
                      "must be 'shared', 'per-token' or 'symmetric'")
 
 
-@dataclasses.dataclass
-class LowerTVMRecord(PassRecord):
-    """Layers lowered, per kernel."""
-
-    lowered: int
-    kernels: dict[str, int]
-    by_layer: dict[str, str] = internal(default_factory=dict)  # layer (a fused group's first) -> kernel
-
-    def layer_kernels(self) -> dict[str, str]:
-        return self.by_layer
-
-
 class LowerToTVMPass(LowbitPass):
     """Rewrite planned quantized linears into the ``lowbit.tvm`` operators TVM compiles.
 
     In place. Requires a plan and ``quantize-weights`` to have run (QDQ weights). The
     result is no longer runnable by ONNX Runtime: the TVM backend
     (``lowbit compile --backend tvm``) builds it. Options: :class:`LowerTVMOptions`;
-    record: :class:`LowerTVMRecord`.
+    record: :class:`~lowbit.compiler.core.results.LoweringRecord`.
     """
 
     name = "lower-tvm"
@@ -109,7 +97,7 @@ class LowerToTVMPass(LowbitPass):
             graph.opset_imports[ops.DOMAIN] = 1
             model.opset_imports[ops.DOMAIN] = 1
             RemoveUnusedNodesPass()(model)
-        return self.result(model, lowered > 0, LowerTVMRecord(lowered, kernels, by_layer))
+        return self.result(model, lowered > 0, LoweringRecord(lowered, kernels, by_layer))
 
     def _lower(self, graph: ir.Graph, node: ir.Node, layer: str, lp, qw: QuantizedWeight) -> tuple[ir.Value, str]:
         x = node.inputs[0]

@@ -76,6 +76,18 @@ class LowbitResult(ir.passes.PassResult):
 
 
 @dataclasses.dataclass
+class LoweringRecord(PassRecord):
+    """A lowering's run: layers lowered, per kernel (and, internally, the kernel of each layer)."""
+
+    lowered: int
+    kernels: dict[str, int]
+    by_layer: dict[str, str] = internal(default_factory=dict)  # layer (a fused group's first) -> kernel
+
+    def layer_kernels(self) -> dict[str, str]:
+        return self.by_layer
+
+
+@dataclasses.dataclass
 class FreeformRecord(PassRecord):
     """A note a pass without a typed record wrote into ``context.notes`` (third-party passes)."""
 

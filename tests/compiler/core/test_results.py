@@ -30,7 +30,7 @@ def test_layer_table_joins_quantized_layers_fused_groups_and_kernels():
         ("recognize", RecognizeRecord(3, 1, [["q", "k"]], {"attn": "both inputs are constant"})),
         ("quantize-weights", quantized),
         ("fuse-linears", FuseLinearsRecord([["q", "k"]])),
-        ("lower-ort", LowerORTRecord(2, {"A": 1, "B": 1}, {}, by_layer={"q": "A", "down": "B"})),
+        ("lower-ort", LowerORTRecord(2, {"A": 1, "B": 1}, by_layer={"q": "A", "down": "B"})),
     )
     sections = manifest_sections(results)
     assert sections["layers"] == {
