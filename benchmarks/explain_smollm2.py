@@ -73,7 +73,8 @@ def run(args) -> dict[str, Any]:
     if not (args.reuse and (art / "manifest.json").is_file() and reuse_allowed(art, args.tree)):
         clear_stamp(art)
         t = time.perf_counter()
-        compile(MODEL, art, recipe=args.recipe, settings=settings, measure_latency=False, keep_reference=True, progress=False)
+        compile(MODEL, art, recipe=args.recipe, settings=settings, measure_latency=False, keep_reference=True, progress=False,
+                overwrite=True)
         times["compile_s"] = time.perf_counter() - t
         stamp_artifact(art, args.tree)
     manifest = json.loads((art / "manifest.json").read_text())
@@ -93,7 +94,8 @@ def run(args) -> dict[str, Any]:
 
     after = out / f"{args.recipe}-overridden"
     t = time.perf_counter()
-    compile(MODEL, after, recipe=args.recipe, settings=settings, overrides=e["suggested_overrides"], measure_latency=False, progress=False)
+    compile(MODEL, after, recipe=args.recipe, settings=settings, overrides=e["suggested_overrides"], measure_latency=False, progress=False,
+            overwrite=True)
     times["recompile_s"] = time.perf_counter() - t
 
     # the two compiles must differ by the overrides only (the repository may change in between)

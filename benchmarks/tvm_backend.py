@@ -85,7 +85,7 @@ def compile_both(fp32: Path, adapter, recipe: str, out: Path, reuse: bool = Fals
             clear_stamp(folder)
             start = time.perf_counter()
             res = lowbit_compile(str(fp32), folder, recipe=recipe, backend=backend, tokenizer=adapter.tokenizer,
-                                 measure_latency=False, progress=False, threads=THREADS)
+                                 measure_latency=False, progress=False, threads=THREADS, overwrite=True)
             seconds = time.perf_counter() - start
             m = res.manifest
             stamp_artifact(folder, tree)

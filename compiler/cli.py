@@ -38,8 +38,15 @@ def _setting(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one ``lowbit: error:`` line like every other error (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"lowbit: error: {' '.join(message.split())} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowbit", description="Quantization compiler for transformer models.")
+    parser = _Parser(prog="lowbit", description="Quantization compiler for transformer models.")
     parser.add_argument("--verbose", "-v", action="store_true", help="log every step; tracebacks on errors")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars, only the result")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile a model into an artifact folder")
     c.add_argument("model", help=".onnx file, Hugging Face checkpoint folder, or llama2.c .bin")
     c.add_argument("-o", "--output", required=True, help="artifact folder (written atomically)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace an artifact already in the output folder (else the compile refuses, before any work)")
     c.add_argument("--recipe", default="w8a8", help="built-in recipe name or recipe .toml file (default w8a8)")
     c.add_argument("--calib-data", help="UTF-8 text file for calibration (default: built-in text)")
     c.add_argument("--eval-data", help="UTF-8 text file for evaluation (default: held-out part of the calibration text)")
@@ -93,10 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-new-tokens", type=int, default=32)
     r.add_argument("--output", help="with --inputs: write outputs to this .npz")
     r.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default: ORT's choice)")
+    r.add_argument("--truncate", action="store_true",
+                   help="with --prompt: keep the prompt's last tokens when prompt + --max-new-tokens exceeds the "
+                        "model's context (else refused)")
+    r.add_argument("--no-verify", action="store_true",
+                   help="do not check the artifact's files against the sha256 in manifest.json (a mismatch is refused)")
 
     i = sub.add_parser("inspect", help="show an artifact's manifest as tables")
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true", help="print the manifest JSON")
+    i.add_argument("--no-verify", action="store_true",
+                   help="do not check the artifact's files against the sha256 in manifest.json (a mismatch is a warning)")
     i.add_argument("--layers", action="store_true",
                    help="one row per linear: precision, granularity, transforms, input ranges, measured error")
     i.add_argument("--errors", action="store_true", help="measure where the error comes from (same as 'lowbit explain')")
@@ -117,8 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="write a self-contained HTML report of an artifact")
     rp.add_argument("artifact")
     rp.add_argument("-o", "--output", help="HTML file (default: ARTIFACT/report.html)")
-    rp.add_argument("--no-explain", action="store_true",
-                    help="do not run 'lowbit explain' when its results are missing (no SQNR plots)")
+    rp.add_argument("--explain", action="store_true",
+                    help="run 'lowbit explain' first when its results are missing (per-layer SQNR plots and "
+                         "suggestions); it replays the compile and measures promotions: several times the compile's "
+                         "time (about 25 min for SmolLM2-135M on 2 cores)")
+    rp.add_argument("--no-explain", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
     _explain_options(rp)
 
     sub.add_parser("passes", help="list registered passes and their options")
@@ -146,9 +165,11 @@ def _run_explain(args):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    from lowbit.compiler.core.progress import on_terminal, set_quiet
+
     if not args.verbose:
-        _quiet_third_parties(progress_bars=not args.quiet)
-    from lowbit.compiler.core.progress import set_quiet
+        # third parties' bars (the GGUF conversion's) only on a terminal: in a log they are pages of \r updates
+        _quiet_third_parties(progress_bars=not args.quiet and on_terminal())
 
     set_quiet(args.quiet)
     try:
@@ -156,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     except LowbitError as e:
         if args.verbose:
             traceback.print_exc()
-        print(f"lowbit: error: {e}", file=sys.stderr)
+        one_line = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # a library's may span many
+        print(f"lowbit: error: {one_line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lowbit: interrupted; nothing was written", file=sys.stderr)
@@ -180,6 +202,9 @@ def _quiet_third_parties(*, progress_bars: bool) -> None:
 
 
 def cmd_compile(args) -> int:
+    from lowbit.compiler.core.progress import say
+
+    say(f"compile {args.model} into {args.output} (loading torch and ONNX first: a few seconds)")
     from lowbit.compiler.driver import compile
 
     result = compile(
@@ -197,6 +222,7 @@ def cmd_compile(args) -> int:
         measure_latency=not args.no_latency,
         progress=not args.quiet,
         keep_reference=args.keep_reference,
+        overwrite=args.overwrite,
         **_backend_options(args),
     )
     print((result.path / "summary.txt").read_text(), end="")
@@ -231,10 +257,14 @@ def cmd_run(args) -> int:
     from lowbit.compiler.core.artifact import load_manifest
     from lowbit.compiler.core.backend import get_backend
 
+    if args.truncate and args.prompt is None:
+        from lowbit.compiler.core.errors import InputError
+
+        raise InputError("--truncate applies to --prompt (an --inputs array longer than the context is refused)")
     backend = get_backend(load_manifest(args.artifact).get("backend"))
-    art = backend.load(args.artifact, threads=args.threads or None)
+    art = backend.load(args.artifact, threads=args.threads or None, verify=not args.no_verify)
     if args.prompt is not None:
-        print(art.generate(args.prompt, max_new_tokens=args.max_new_tokens))
+        print(art.generate(args.prompt, max_new_tokens=args.max_new_tokens, truncate=args.truncate, notify=_note))
         return 0
     import numpy as np
 
@@ -251,6 +281,7 @@ def cmd_inspect(args) -> int:
     from lowbit.compiler.inspect import render
 
     manifest = load_manifest(args.artifact)
+    verified = _inspect_verify(args, manifest)
     if args.errors:
         return cmd_explain(args)
     if args.layers:
@@ -266,8 +297,29 @@ def cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps(manifest, indent=2))
     else:
-        render(manifest)
+        render(manifest, verified=verified)
     return 0
+
+
+def _note(text: str) -> None:
+    print(f"lowbit: note: {text}", file=sys.stderr)
+
+
+def _inspect_verify(args, manifest: dict[str, Any]) -> str:
+    """``lowbit inspect`` checks every file the manifest lists (a problem is a warning on stderr, not an
+    error: inspect only reads the manifest); what it found, for the table's last line. Files the
+    manifest does not list are not its concern here (``explain.json``, ``report.html`` come later)."""
+    if args.no_verify:
+        return "not verified (--no-verify)"
+    from lowbit.compiler.core.artifact import file_problems
+
+    listed = manifest.get("files") or {}
+    problems = file_problems(args.artifact, manifest, select=lambda name: name in listed)
+    for problem in problems:
+        print(f"lowbit: warning: {problem}", file=sys.stderr)
+    if problems:
+        return f"{len(problems)} problem(s) against manifest.json's sha256 (see the warnings; 'lowbit run' refuses it)"
+    return f"all {len(manifest.get('files') or {})} verified against manifest.json's sha256"
 
 
 def cmd_diff(args) -> int:
@@ -298,12 +350,17 @@ def cmd_explain(args) -> int:
 
 def cmd_report(args) -> int:
     from lowbit.compiler.explain import load_explain
-    from lowbit.compiler.report import write_report
+    from lowbit.compiler.report import explain_estimate, write_report
 
     measured = load_explain(args.artifact)
-    if measured is None and not args.no_explain:
-        print("running 'lowbit explain' first (per-layer error for the plots)...", file=sys.stderr)
+    if measured is None and args.explain and not args.no_explain:
+        if not args.quiet:
+            print(f"lowbit: note: running 'lowbit explain' first (per-layer error for the plots): "
+                  f"{explain_estimate(args.artifact)}", file=sys.stderr)
         measured = _run_explain(args)
+    elif measured is None and not args.quiet:
+        print(f"lowbit: note: no 'lowbit explain' results in {args.artifact}: the report has no per-layer error plots "
+              f"(add --explain to measure them first: {explain_estimate(args.artifact)})", file=sys.stderr)
     out = write_report(args.artifact, args.output, explain=measured)
     print(f"report: {out}")
     return 0

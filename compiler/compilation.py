@@ -12,15 +12,17 @@ with its own instruments.
 1. :meth:`~Compilation.configure`: the recipe (``--set`` settings, ``--override``
    items for the planners) and the backend (``core.backend``): its flags checked,
    the recipe's lowering made the backend's, the passes instantiated (every option
-   checked) before anything is loaded;
+   checked) and the data files read (``check_input_files``) before anything is loaded;
 2. :meth:`~Compilation.load`: the source imported into ``onnx_ir`` with its adapter,
    debug ids given, and the fp32 reference saved beside (the artifact is measured
-   against it on held-out inputs that calibration never saw);
+   against it on held-out inputs that calibration never saw); then
+   :meth:`~Compilation.check_model`: what only the model can tell (``--override`` globs
+   against its layer names), before the first pass runs;
 3. :meth:`~Compilation.prepare_data`: calibration and evaluation feeds (:class:`CompileData`):
    text split by the tokenizer, an ``.npz`` of inputs, or synthetic inputs;
 4. :meth:`~Compilation.make_context`: the ``CompileContext`` the passes share;
 5. :meth:`~Compilation.run_passes`: the recipe's passes with instruments (pass log,
-   verification, IR dumps);
+   verification, IR dumps, progress: ``pass i/n NAME``);
 6. :meth:`~Compilation.build`: the backend writes the artifact's model files and gives
    a session to verify with;
 7. :meth:`~Compilation.verify`: accuracy and latency against fp32 (``compiler.verification``);
@@ -36,6 +38,7 @@ import platform
 import shutil
 import tempfile
 import time
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,15 +46,16 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.compiler.core.artifact import ArtifactWriter
+from lowbit.compiler.core.artifact import ArtifactWriter, check_output, scratch_prefix
 from lowbit.compiler.core.backend import Backend, BackendOptions, Built, get_backend
-from lowbit.compiler.core.data import CALIB_FRACTION, split_text
+from lowbit.compiler.core.data import CALIB_FRACTION, read_text, split_text
 from lowbit.compiler.core.errors import InputError
 from lowbit.compiler.core.manifest import Manifest
 from lowbit.compiler.core.ortsession import make_session
 from lowbit.compiler.core.passbase import CompileContext, assign_debug_ids
-from lowbit.compiler.core.pipeline import DumpIR, PassLog, Verify, run_pipeline
+from lowbit.compiler.core.pipeline import DumpIR, PassLog, ShowProgress, Verify, run_pipeline
 from lowbit.compiler.core.plan import read_plan
+from lowbit.compiler.core.progress import say, step
 from lowbit.compiler.core.recipe import Recipe, load_recipe
 from lowbit.compiler.core.results import manifest_sections
 from lowbit.compiler.core.tokenizers import save_tokenizer
@@ -85,6 +89,7 @@ class CompileOptions:
         keep_reference: also write the imported fp32 graph as ``reference.onnx``.
         backend: a backend name or alias (``core.backend``), or a ``Backend``.
         backend_options: the backend's flags (target, arch, tuning).
+        overwrite: replace an existing artifact at the output (else the compile fails before any work).
     """
 
     recipe: str | Path | Recipe = "w8a8"
@@ -102,6 +107,7 @@ class CompileOptions:
     keep_reference: bool = False
     backend: str | Backend = "onnxruntime"
     backend_options: BackendOptions = dataclasses.field(default_factory=BackendOptions)
+    overwrite: bool = False
 
 
 @dataclasses.dataclass
@@ -161,16 +167,29 @@ class Compilation:
         self.backend.prepare_recipe(recipe)
         self.recipe = recipe
         self.passes = recipe.build()
+        check_input_files(o)
         return self.passes
+
+    def check_model(self) -> None:
+        """Right after ``load``, before the first pass: what only the imported model can tell (the planners'
+        ``--override`` globs against its layer names), each pass's ``check_model``, up to the first pass not
+        lowbit's own (what it does to the graph is not known)."""
+        for p in self.passes if self.passes is not None else self._recipe().build():
+            if not type(p).__module__.startswith("lowbit."):
+                break
+            check = getattr(p, "check_model", None)
+            if check is not None:
+                check(self.model)
 
     def load(self, workdir: str | Path) -> tuple[ir.Model, Any]:
         """Import the source (fp32 IR with debug ids, and its adapter); save the reference copy into ``workdir``."""
         o = self.options
         extra = {"example_inputs": o.example_inputs} if o.example_inputs is not None else {}
-        model, adapter = load_source(self.source, tokenizer=o.tokenizer, **extra)
-        assign_debug_ids(model)
-        self.reference_path = Path(workdir) / REFERENCE
-        ir.save(model, self.reference_path, external_data=f"{REFERENCE}.data", size_threshold_bytes=1024)
+        with step(f"load {_label(self.source)} (import, export to ONNX)", enabled=o.progress):
+            model, adapter = load_source(self.source, tokenizer=o.tokenizer, **extra)
+            assign_debug_ids(model)
+            self.reference_path = Path(workdir) / REFERENCE
+            ir.save(model, self.reference_path, external_data=f"{REFERENCE}.data", size_threshold_bytes=1024)
         self.model, self.adapter = model, adapter
         self.fp32_weight_bytes = weight_bytes(model)
         return model, adapter
@@ -178,7 +197,9 @@ class Compilation:
     def prepare_data(self) -> CompileData:
         """Calibration and evaluation feeds, as the recipe's ``[calibration]`` / ``[evaluation]`` ask."""
         o = self.options
-        self.data = prepare_data(self.model, self.adapter, self._recipe(), o.calib_data, o.eval_data, o.example_inputs)
+        with step("data: calibration and held-out evaluation samples", enabled=o.progress):
+            self.data = prepare_data(self.model, self.adapter, self._recipe(), o.calib_data, o.eval_data,
+                                     o.example_inputs)
         return self.data
 
     def make_context(self) -> CompileContext:
@@ -189,25 +210,32 @@ class Compilation:
 
     def run_passes(self, instruments: Sequence | None = None) -> ir.Model:
         """Run the recipe's passes on the model; default instruments: pass log, verification, IR dumps."""
+        passes = self.passes if self.passes is not None else self._recipe().build()
+        shown = ShowProgress(len(passes), enabled=self.options.progress)
         if instruments is None:
             self.log = PassLog()
             instruments = [self.log, Verify()] + ([DumpIR(self.options.dump_ir)] if self.options.dump_ir else [])
-        passes = self.passes if self.passes is not None else self._recipe().build()
-        self.model = run_pipeline(self.model, passes, context=self.context, instruments=list(instruments))
+        try:
+            self.model = run_pipeline(self.model, passes, context=self.context, instruments=[*instruments, shown])
+        finally:
+            shown.close(ok=False)  # a failed pass: its step ends without a "done" line
         return self.model
 
     def build(self, folder: str | Path) -> Built:
         """The backend writes the artifact's model files into ``folder``."""
-        self.built = self.backend.build(self.model, Path(folder), self.options.backend_options,
-                                        threads=self.options.threads)
+        with step(f"build: {self.backend.name} artifact", enabled=self.options.progress):
+            self.built = self.backend.build(self.model, Path(folder), self.options.backend_options,
+                                            threads=self.options.threads)
         return self.built
 
     def verify(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Accuracy and latency of the built artifact against the fp32 reference."""
         o, art = self.options, self.built.session
         ref = make_session(self.reference_path, o.threads)
-        accuracy = measure_accuracy(ref, art, self.adapter, self.data) if art is not None else {"note": self.built.note}
-        latency = measure_latency(ref, art, self.adapter, self.data) if o.measure_latency and art is not None else {}
+        accuracy = (measure_accuracy(ref, art, self.adapter, self.data, progress=o.progress) if art is not None
+                    else {"note": self.built.note})
+        latency = (measure_latency(ref, art, self.adapter, self.data, progress=o.progress)
+                   if o.measure_latency and art is not None else {})
         return accuracy, latency
 
     def pass_records(self) -> dict[str, Any]:
@@ -229,6 +257,7 @@ class Compilation:
                 "name": getattr(adapter, "name", Path(str(source)).stem),
                 "family": getattr(adapter, "family", None),
                 "task": getattr(adapter, "task", "generic"),
+                "context_length": getattr(adapter, "max_seq_len", None),  # positions; None: not known
             },
             backend=self.backend.name,
             inputs=[_io(v) for v in model.graph.inputs],
@@ -266,9 +295,14 @@ class Compilation:
     def run(self, output: str | Path) -> CompileResult:
         """Every step: the verified artifact in ``output`` (written atomically), or an error and nothing."""
         start = time.perf_counter()
+        check_output(output, overwrite=self.options.overwrite)  # before any work: exists, locked, not ours
         self.configure()
-        with ArtifactWriter(output) as writer, tempfile.TemporaryDirectory(prefix="lowbit-ref-") as tmp:
+        say(f"recipe {self._recipe().name} ({len(self.passes)} passes), backend {self.backend.name}",
+            enabled=self.options.progress)
+        with ArtifactWriter(output, overwrite=self.options.overwrite) as writer, \
+                tempfile.TemporaryDirectory(prefix=scratch_prefix("ref")) as tmp:
             self.load(tmp)
+            self.check_model()
             if self.options.keep_reference:
                 for f in Path(tmp).iterdir():
                     shutil.copyfile(f, writer.path / f.name)
@@ -302,11 +336,16 @@ def prepare_data(model, adapter, recipe, calib_data, eval_data, example_inputs) 
     if str(calib_data or "").endswith(".npz"):
         feeds = load_npz_samples(calib_data)
         if eval_data:
-            calib, evals = feeds, load_npz_samples(eval_data)
+            calib, evals = feeds, load_npz_samples(eval_data, "evaluation")
         else:
             cut = max(1, int(len(feeds) * CALIB_FRACTION))
             calib, evals = feeds[:cut], feeds[cut:]
-        return CompileData(str(calib_data), calib, evals)
+        for path, part in ((calib_data, calib), (eval_data or calib_data, evals)):
+            missing = [v.name for v in model.graph.inputs if part and v.name not in part[0]]
+            if missing:
+                raise InputError(f"{path}: no array for the model's input(s) {missing} (arrays: {sorted(part[0])})")
+        lm = getattr(adapter, "task", None) == "causal-lm" and all("input_ids" in f for f in evals)
+        return CompileData(str(calib_data), calib, evals, eval_ids=[f["input_ids"] for f in evals] if lm else None)
     if adapter is not None and adapter.tokenizer is not None:
         split = split_text(
             adapter.tokenizer,
@@ -326,27 +365,56 @@ def prepare_data(model, adapter, recipe, calib_data, eval_data, example_inputs) 
         )
     if calib_data:
         raise InputError("text --calib-data needs a tokenizer and this model has none: give --tokenizer, or an .npz of inputs")
-    feeds = synthetic_feeds(model, example_inputs, int(cal["samples"]) + int(ev["samples"]))
+    lm = getattr(adapter, "task", None) == "causal-lm"
+    if lm and example_inputs is None:  # random token ids would calibrate (and verify) on noise
+        raise InputError(f"{adapter.name} is a language model and no tokenizer was found with it: give --tokenizer, "
+                         "or --calib-data FILE.npz of input_ids")
+    feeds = synthetic_feeds(model, example_inputs, int(cal["samples"]) + int(ev["samples"]),
+                            vocab_size=getattr(adapter, "vocab_size", None))
     n_cal = int(cal["samples"])
-    return CompileData("example inputs" if example_inputs else "synthetic (random inputs)", feeds[:n_cal], feeds[n_cal:])
+    evals = feeds[n_cal:]
+    ids = [f["input_ids"] for f in evals] if lm and all("input_ids" in f for f in evals) else None
+    return CompileData("example inputs" if example_inputs else "synthetic (random inputs)", feeds[:n_cal], evals,
+                       eval_ids=ids)
 
 
-def load_npz_samples(path: str | Path) -> list[dict[str, np.ndarray]]:
+def check_input_files(options: CompileOptions) -> None:
+    """The files a compile reads besides the model, checked before it is loaded: data files readable (text:
+    UTF-8, not empty, not binary; ``.npz``: arrays of one sample count, finite), ``--dump-ir`` a folder."""
+    for flag, role, path in (("--calib-data", "calibration", options.calib_data),
+                             ("--eval-data", "evaluation", options.eval_data)):
+        if isinstance(path, (str, Path)):
+            load_npz_samples(path, role) if str(path).endswith(".npz") else read_text(path, flag)
+    if options.dump_ir is not None and Path(options.dump_ir).exists() and not Path(options.dump_ir).is_dir():
+        raise InputError(f"--dump-ir {options.dump_ir}: exists and is not a folder")
+
+
+def load_npz_samples(path: str | Path, role: str = "calibration") -> list[dict[str, np.ndarray]]:
     """An .npz of arrays ``[N, ...]`` by input name -> N feeds (each keeps a batch axis of 1)."""
     try:
-        with np.load(path) as data:
+        with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read input arrays {path}: {e}") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise InputError(f"cannot read input arrays {path}: {type(e).__name__}: {e}") from None
+    except AttributeError:  # np.load gave one array (an .npy saved under another name), not an archive
+        raise InputError(f"cannot read input arrays {path}: not an .npz archive of arrays by input name") from None
     counts = {len(a) for a in arrays.values() if a.ndim}
     if len(counts) != 1:
         raise InputError(f"{path}: arrays must share their first (sample) dimension, got {sorted(counts)}")
+    for k, a in arrays.items():
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            i = int(np.argwhere(~np.isfinite(a))[0][0]) if a.ndim else 0
+            what = "NaN" if np.isnan(a).any() else "infinity"
+            raise InputError(f"{path}: {role} batch {i}: input {k!r} contains {what}")
     n = counts.pop()
     return [{k: a[i : i + 1] for k, a in arrays.items()} for i in range(n)]
 
 
-def synthetic_feeds(model: ir.Model, example: dict[str, np.ndarray] | None, count: int) -> list[dict[str, np.ndarray]]:
-    """Inputs for a model without a tokenizer: perturbed examples, or random data of the input types."""
+def synthetic_feeds(model: ir.Model, example: dict[str, np.ndarray] | None, count: int,
+                    vocab_size: int | None = None) -> list[dict[str, np.ndarray]]:
+    """Inputs for a model without a tokenizer: perturbed examples, or random data of the input types
+    (integers below ``vocab_size``, when the adapter knows it: token ids the embedding has rows for)."""
+    high = min(100, vocab_size) if vocab_size else 100
     rng = np.random.default_rng(0)
     feeds = []
     for _ in range(count):
@@ -359,7 +427,7 @@ def synthetic_feeds(model: ir.Model, example: dict[str, np.ndarray] | None, coun
             shape = [d if isinstance(d, int) else (1 if i == 0 else 16) for i, d in enumerate(v.shape or [])]
             dtype = v.dtype.numpy() if v.dtype is not None else np.float32
             if np.issubdtype(dtype, np.integer):
-                feed[v.name] = (np.ones if "mask" in v.name else lambda s, dtype: rng.integers(0, 100, s).astype(dtype))(shape, dtype=dtype)
+                feed[v.name] = (np.ones if "mask" in v.name else lambda s, dtype: rng.integers(0, high, s).astype(dtype))(shape, dtype=dtype)
             else:
                 feed[v.name] = rng.standard_normal(shape).astype(dtype)
         feeds.append(feed)
@@ -369,6 +437,11 @@ def synthetic_feeds(model: ir.Model, example: dict[str, np.ndarray] | None, coun
 # ---------------------------------------------------------------------------
 # Small helpers
 # ---------------------------------------------------------------------------
+def _label(source: Any) -> str:
+    """A source as a progress line names it: a path or name as given, a module by its class."""
+    return type(source).__name__ if hasattr(source, "forward") else str(source)
+
+
 def _abspath(value: Any) -> str | None:
     """An existing path made absolute (a compile may be explained from another folder); other values as text."""
     if not isinstance(value, (str, Path)):

@@ -52,6 +52,7 @@ def compile(  # noqa: A001 - the verb users expect
     tune: int = 0,
     tune_seq_lens: Sequence[int] | None = None,
     tuning_db: str | Path | None = None,
+    overwrite: bool = False,
 ) -> CompileResult:
     """Compile ``source`` (path to .onnx / HF folder / llama2.c .bin, or an nn.Module) into ``output``.
 
@@ -74,6 +75,9 @@ def compile(  # noqa: A001 - the verb users expect
         tune / tune_seq_lens / tuning_db: TVM on LLVM only: MetaSchedule trials per quantized
             matmul, the sequence lengths to tune at (default 1 and 128), and a tuning database
             folder to reuse and extend (see ``lowbit.backends.tvm.tune``).
+        overwrite: replace an artifact already at ``output``; without it the compile fails, before any
+            work, when ``output`` holds one. A second compile into an ``output`` another one is writing
+            fails at once (a lock file ``.NAME.lock`` beside it).
     """
     options = CompileOptions(
         recipe=recipe, calib_data=calib_data, eval_data=eval_data, tokenizer=tokenizer, example_inputs=example_inputs,
@@ -81,5 +85,6 @@ def compile(  # noqa: A001 - the verb users expect
         measure_latency=measure_latency, progress=progress, keep_reference=keep_reference, backend=backend,
         backend_options=BackendOptions(target=target, arch=arch, tune=tune, tune_seq_lens=tune_seq_lens,
                                        tuning_db=tuning_db),
+        overwrite=overwrite,
     )
     return Compilation(source, options).run(output)

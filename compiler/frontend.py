@@ -36,6 +36,7 @@ import ast
 import contextlib
 import io
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -190,13 +191,115 @@ def export_to_onnx(adapter, *, opset: int | None = None, batch: int = 2, seq: in
     return model
 
 
+#: op domains ONNX and ONNX Runtime define; a node of another domain needs a function in the model
+KNOWN_DOMAINS = frozenset({
+    "", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training", "ai.onnx.training", "com.microsoft",
+    "com.microsoft.experimental", "com.microsoft.nchwc", "com.ms.internal.nhwc", "org.pytorch.aten",
+})
+
+
+def _cause(e: BaseException) -> str:
+    """The innermost message of an exception chain, on one line (onnx_ir wraps the parser's error)."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _inside(folder: Path, location: str) -> bool:
+    """Whether ``folder / location`` stays inside ``folder``, as written and with links followed."""
+    if Path(location).is_absolute():
+        return False
+    base = os.path.normpath(os.path.abspath(folder))
+    target = os.path.normpath(os.path.join(base, location))
+    if os.path.commonpath([base, target]) != base:
+        return False
+    real_base = os.path.realpath(base)
+    return os.path.commonpath([real_base, os.path.realpath(target)]) == real_base
+
+
+def _check_external_data(path: Path, model: ir.Model) -> None:
+    """External data stays inside the model's folder (checked before any of it is opened) and covers
+    every tensor it holds."""
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        if not _inside(path.parent, tensor.location):
+            raise InputError(
+                f"{path.name}: external data location {tensor.location!r} of initializer {value.name!r} leaves "
+                f"the model's folder {path.parent} (refused: lowbit reads only files beside the model)"
+            )
+        data = Path(tensor.base_dir) / tensor.location
+        if not data.is_file():
+            raise InputError(
+                f"missing external data file '{tensor.location}' for initializer {value.name!r} "
+                f"(looked in {data.parent})"
+            )
+        need = (tensor.offset or 0) + (tensor.length or 0)
+        if data.stat().st_size < need:
+            raise InputError(
+                f"external data file {data.name} is truncated: initializer {value.name!r} needs "
+                f"bytes up to {need}, file has {data.stat().st_size}"
+            )
+
+
+def _check_graph(path: Path, model: ir.Model) -> None:
+    """What ONNX Runtime or the passes would trip over later, named now: values nothing defines, a cycle,
+    an opset newer than ``onnx`` knows, ops of an unknown domain, and what the ONNX checker refuses."""
+    import onnx
+
+    graph = model.graph
+    texts = [("graph name", graph.name), *((f"metadata {k!r}", v) for k, v in model.metadata_props.items()),
+             *(("value name", v.name) for v in (*graph.inputs, *graph.outputs, *graph.initializers.values()))]
+    for what, text in texts:  # a name that is not UTF-8 text: the model could not be written back
+        if text is not None and not isinstance(text, str):
+            raise InputError(f"{path.name} is not a valid ONNX model: {what} {text!r} is not UTF-8 text")
+    for node in graph.all_nodes():
+        try:
+            ir.serde.serialize_node(node)  # what writing the model back would refuse (its weights aside)
+        except Exception as e:
+            raise InputError(f"{path.name} is not a valid ONNX model: node {node.name!r} ({node.op_type!r}) "
+                             f"cannot be written back: {_cause(e)}") from None
+    for node in graph:
+        for v in node.inputs:
+            if v is not None and v.producer() is None and not v.is_graph_input() and not v.is_initializer():
+                raise InputError(f"{path.name}: node {node.name or node.op_type!r} ({node.op_type}) reads {v.name!r}, "
+                                 "which no node, graph input or initializer defines (a missing initializer?)")
+    for v in graph.outputs:
+        if v.producer() is None and not v.is_graph_input() and not v.is_initializer():
+            raise InputError(f"{path.name}: graph output {v.name!r} is not computed by any node")
+    try:
+        graph.sort()
+    except Exception as e:  # onnx_ir: "Graph contains a cycle"
+        raise InputError(f"{path.name}: the graph is not acyclic ({_cause(e)})") from None
+    newest = onnx.defs.onnx_opset_version()
+    version = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    if version is not None and version > newest:
+        raise InputError(f"{path.name}: opset {version} is newer than this onnx knows (up to {newest})")
+    functions = {(domain, name) for domain, name, *_ in model.functions}
+    for node in graph.all_nodes():
+        if node.domain not in KNOWN_DOMAINS and (node.domain, node.op_type) not in functions:
+            raise InputError(f"{path.name}: node {node.name or node.op_type!r} uses op {node.domain}:{node.op_type}, "
+                             "which neither ONNX nor ONNX Runtime defines (and the model has no function for it)")
+    external = any(isinstance(v.const_value, ir.ExternalTensor) for v in graph.initializers.values())
+    try:  # with shape inference, unless it would need the external data (not read yet)
+        onnx.checker.check_model(str(path), full_check=not external)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        if "topologically sorted" not in str(e):  # the order is ours to fix (sorted above), not an error
+            raise InputError(f"{path.name} is not a valid ONNX model: {_cause(e)}") from None
+
+
 def load_onnx(path: str | Path) -> ir.Model:
-    """Load an `.onnx` file (external data resolved next to it) with clear errors."""
+    """Load an `.onnx` file (external data resolved next to it, never outside its folder) with clear errors."""
     from google.protobuf.message import DecodeError
 
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"ONNX file not found: {path}")
+        raise InputError(f"ONNX file not found: {path}" if not path.exists() else f"not an ONNX file: {path} is a folder")
+    serde_logger = logging.getLogger("onnx_ir.serde")
+    level = serde_logger.level
+    serde_logger.setLevel(logging.ERROR)  # its warnings about an invalid graph: reported below, on one line
     try:
         model = ir.load(path)
     except DecodeError:
@@ -205,26 +308,59 @@ def load_onnx(path: str | Path) -> ir.Model:
         # ONNX writers put ir_version (field 1, varint: tag byte 0x08) first.
         what = "corrupt or truncated ONNX file" if head == b"\x08" else "not an ONNX model"
         raise InputError(f"{what}: {path} ({path.stat().st_size} bytes do not parse as onnx.ModelProto)") from None
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror or e}") from None
+    except Exception as e:  # the proto parsed, but onnx_ir refuses what it says (a dtype, a redeclared value)
+        raise InputError(f"{path.name} is not a valid ONNX model: {_cause(e)}") from None
+    finally:
+        serde_logger.setLevel(level)
     if not len(model.graph) or not model.graph.outputs:
         raise InputError(f"not an ONNX model: {path} has no graph (empty or unrelated file)")
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if isinstance(tensor, ir.ExternalTensor):
-            data = Path(tensor.base_dir) / tensor.location
-            if not data.is_file():
-                raise InputError(
-                    f"missing external data file '{tensor.location}' for initializer {value.name!r} "
-                    f"(looked in {data.parent})"
-                )
-            need = (tensor.offset or 0) + (tensor.length or 0)
-            if data.stat().st_size < need:
-                raise InputError(
-                    f"external data file {data.name} is truncated: initializer {value.name!r} needs "
-                    f"bytes up to {need}, file has {data.stat().st_size}"
-                )
+    _check_external_data(path, model)
+    _check_graph(path, model)
     # Read the weights now: passes, verification and the artifact must not
     # depend on the source's data file staying where it is.
-    return ir.external_data.load_to_model(model)
+    try:
+        return ir.external_data.load_to_model(model)
+    except (OSError, ValueError) as e:  # onnx_ir's own containment checks (a hard link, ...)
+        raise InputError(f"{path.name}: cannot read its external data: {_cause(e)}") from None
+
+
+def _parameter_name(value: ir.Value) -> str | None:
+    """The torch parameter an initializer holds (the exporter records it), if another name than its own."""
+    names = [value.name]
+    folded = value.metadata_props.get(_FOLDED_KEY)
+    if folded:
+        try:
+            names = list(ast.literal_eval(folded))
+        except (ValueError, SyntaxError):
+            pass
+    if len(names) == 1 and names[0] and names[0] != value.name and not names[0].startswith("val_"):
+        return names[0]
+    return None
+
+
+def check_weights(model: ir.Model) -> None:
+    """Refuse NaN or infinite weights, naming the first such initializer (and its torch parameter)."""
+    bad = []
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or not tensor.dtype.is_floating_point():
+            continue
+        array = tensor.numpy()
+        if np.isfinite(array).all():
+            continue
+        nan, inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
+        bad.append((value, nan, inf))
+    if not bad:
+        return
+    value, nan, inf = bad[0]
+    counts = " and ".join(f"{n} {kind} value{'s' if n > 1 else ''}" for n, kind in ((nan, "NaN"), (inf, "infinite")) if n)
+    param = _parameter_name(value)
+    what = f"weight {value.name!r}" + (f" (torch parameter {param!r})" if param else "")
+    more = f" ({len(bad) - 1} more weight{'s' if len(bad) > 2 else ''} too: {', '.join(v.name for v, *_ in bad[1:4])}" \
+           f"{', ...' if len(bad) > 4 else ''})" if len(bad) > 1 else ""
+    raise InputError(f"{what} has {counts}{more}: the model cannot be quantized (or run) with them")
 
 
 def load_source(source: Any, *, tokenizer=None, opset: int | None = None, name: str | None = None, **kw):
@@ -234,8 +370,15 @@ def load_source(source: Any, *, tokenizer=None, opset: int | None = None, name: 
     given: then an ONNX-only adapter that can build inputs); llama2.c `.bin`,
     `.gguf`, Hugging Face folders, known names and `nn.Module`s go through
     `lowbit.models` and are exported. Extra keywords go to
-    `adapter_for_module` for modules (e.g. `example_inputs=`).
+    `adapter_for_module` for modules (e.g. `example_inputs=`). Weights that are NaN
+    or infinite are refused here, naming the weight (`check_weights`).
     """
+    model, adapter = _load_source(source, tokenizer=tokenizer, opset=opset, name=name, **kw)
+    check_weights(model)
+    return model, adapter
+
+
+def _load_source(source: Any, *, tokenizer, opset: int | None, name: str | None, **kw):
     from lowbit.models import adapter_for_module, load_model, load_tokenizer
     from lowbit.models.base import ModelAdapter
 

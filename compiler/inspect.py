@@ -1,4 +1,10 @@
-"""Render a manifest as readable tables (``lowbit inspect``)."""
+"""Render a manifest as readable tables (``lowbit inspect``).
+
+``lowbit inspect`` also checks every file the manifest lists against its sha256 (unless
+``--no-verify``): a missing or changed file is a warning on stderr, above the tables, and
+the last line says what was verified; it does not refuse, as ``lowbit run`` does, since it
+reads only the manifest.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,8 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from lowbit.compiler.verification import generation_label, generation_line
 
 
 def _fmt(v: Any) -> str:
@@ -16,7 +24,8 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def render(m: dict[str, Any], console: Console | None = None) -> None:
+def render(m: dict[str, Any], console: Console | None = None, *, verified: str | None = None) -> None:
+    """The manifest's tables; ``verified``: what the check of the files against their sha256 found."""
     if console is None:
         console = Console()
         if not console.is_terminal:  # piped: do not squeeze tables into 80 columns
@@ -39,8 +48,9 @@ def render(m: dict[str, Any], console: Console | None = None) -> None:
     t.add_column("value")
     for k, v in acc.items():
         if k == "generation":
-            t.add_row("greedy tokens matching fp32", f"{v['matching_prefix']}/{v['tokens']}")
-            t.add_row("generated text", v["text"])
+            t.add_row(generation_label(v), generation_line(v, short=True))
+            t.add_row("  fp32's text", v.get("fp32_text", "-"))
+            t.add_row("  artifact's text", v["text"])
         elif k not in ("samples", "tokens"):
             t.add_row(k, _fmt(v))
     for label, row in (m.get("latency") or {}).items():
@@ -102,7 +112,8 @@ def render(m: dict[str, Any], console: Console | None = None) -> None:
     console.print(f"calibration: {cal.get('samples')} samples, {cal.get('tokens')} tokens from {cal.get('source')}; "
                   f"{len(acts)} tensors observed")
     console.print(f"compiled in {m.get('compile_seconds')} s; files: "
-                  + ", ".join(f"{k} ({v['bytes'] / 1e6:.2f} MB)" for k, v in m.get("files", {}).items()))
+                  + ", ".join(f"{k} ({v['bytes'] / 1e6:.2f} MB)" for k, v in m.get("files", {}).items())
+                  + (f" — {verified}" if verified else ""))
 
 
 def _measured_cells(lp: dict[str, Any]) -> tuple[str, str, str]:

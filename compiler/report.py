@@ -33,7 +33,9 @@ from typing import Any
 
 from lowbit.compiler.core.artifact import load_manifest
 from lowbit.compiler.core.plan import PRECISIONS
+from lowbit.compiler.core.progress import duration
 from lowbit.compiler.inspect import layer_rows
+from lowbit.compiler.verification import generation_label, generation_line
 
 REPORT_FILE = "report.html"
 _COLORS = {"fp32": "#7f7f7f", "fp16": "#9467bd", "w8a8": "#1f77b4", "w8a16": "#2ca02c", "w4a16": "#ff7f0e", "w4a8": "#d62728"}
@@ -304,7 +306,9 @@ def _summary(m: dict[str, Any]) -> str:
             rows.append([label, f"{v:.2%}" if k in ("top1_agreement", "perplexity_increase") else _f(v)])
     gen = acc.get("generation")
     if gen:
-        rows.append(["greedy tokens matching fp32", f"{gen['matching_prefix']}/{gen['tokens']}"])
+        rows.append([_e(generation_label(gen)), _e(generation_line(gen, short=True))])
+        rows.append([_e("fp32's text"), _e(gen.get("fp32_text", "-"))])
+        rows.append([_e("artifact's text"), _e(gen.get("text", "-"))])
     for label, row in lat.items():
         if isinstance(row, dict):
             rows.append([f"latency {label}", f"{row['ms']:.2f} ms vs fp32 {row['fp32_ms']:.2f} ms ({row['speedup']:.2f}x)"])
@@ -391,6 +395,24 @@ def build_html(m: dict[str, Any], explain: dict[str, Any] | None = None) -> str:
     title = f"lowbit report: {model.get('name')}"
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
             f"<style>{_CSS}</style></head>\n<body>\n{body}\n</body></html>\n")
+
+
+#: ``lowbit explain``'s time over the compile's (SmolLM2-135M w8a8-plain: explain 1493 s, compile 262 s; benchmarks/RESULTS.md)
+EXPLAIN_TIME_RATIO = 6
+
+
+def explain_estimate(artifact: str | Path) -> str:
+    """How long ``lowbit explain`` may take on ``artifact``, from its compile time (a rough guide, said so)."""
+    try:
+        seconds = float(load_manifest(artifact).get("compile_seconds") or 0)
+    except Exception:  # an unreadable manifest fails later, with its own message
+        seconds = 0.0
+    if seconds <= 0:
+        return "it replays the compile, then measures each layer: several times the compile's time"
+    guess = EXPLAIN_TIME_RATIO * seconds
+    rough = f"{round(guess / 60)} min" if guess >= 120 else duration(guess)
+    return (f"it replays the compile, then measures each layer: roughly {rough} "
+            f"(about {EXPLAIN_TIME_RATIO}x this artifact's {duration(seconds)} compile), with progress as it goes")
 
 
 def write_report(artifact: str | Path, output: str | Path | None = None, *, explain: dict[str, Any] | None = None) -> Path:

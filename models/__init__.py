@@ -96,10 +96,17 @@ def _load_hf_folder(folder: Path, tokenizer, name) -> ModelAdapter:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise InputError(f"cannot read {folder / 'config.json'}: {e}") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{folder / 'config.json'} is not a JSON object (a Hugging Face config maps keys to values)")
     model_type = config.get("model_type")
-    arch = (config.get("architectures") or [model_type])[0]
+    archs = config.get("architectures") or []
+    if not isinstance(model_type, str):
+        raise InputError(f"{folder / 'config.json'} has no model_type string (got {model_type!r}; supported: {SUPPORTED})")
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise InputError(f"{folder / 'config.json'}: architectures = {archs!r} is not a list of strings")
+    arch = archs[0] if archs else model_type
     if model_type in llama.MODEL_TYPES:
-        if arch and not arch.endswith("ForCausalLM"):
+        if archs and not arch.endswith("ForCausalLM"):
             raise InputError(f"unsupported architecture '{arch}' in config.json (need a Llama causal LM)")
         return llama.load_hf_llama(folder, tokenizer=tokenizer, name=name)
     if model_type in bert.MODEL_TYPES:

@@ -49,6 +49,62 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line: its first non-empty line (a library's may span many)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+#: the pickled weight files ``from_pretrained`` opens (the index names the shards)
+PICKLED_WEIGHTS = "pytorch_model.bin"
+PICKLED_INDEX = "pytorch_model.bin.index.json"
+
+
+def safe_weights(folder) -> dict[str, Any]:
+    """``from_pretrained`` keywords that never run code from a checkpoint.
+
+    A folder with ``.safetensors`` weights is loaded from them only (``use_safetensors``: a ``.bin``
+    beside them is never opened). Otherwise every pickled weight file ``from_pretrained`` would open
+    is first read with ``torch.load(weights_only=True)``, whose unpickler builds tensors and plain
+    containers only: a pickle that would call anything else (``os.system``, ``open``) is refused
+    with an ``InputError`` before transformers sees it."""
+    import json
+    import re
+    import warnings
+    import zipfile
+    from pathlib import Path
+
+    folder = Path(folder)
+    if any(folder.glob("*.safetensors")):
+        return {"use_safetensors": True}
+    files = [folder / PICKLED_WEIGHTS] if (folder / PICKLED_WEIGHTS).is_file() else []
+    if (folder / PICKLED_INDEX).is_file():
+        try:
+            shards = json.loads((folder / PICKLED_INDEX).read_text())["weight_map"].values()
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise InputError(f"cannot read {folder / PICKLED_INDEX}: {type(e).__name__}: {e}") from None
+        for name in sorted(set(map(str, shards))):
+            shard = folder / name
+            if Path(name).is_absolute() or ".." in Path(name).parts or not shard.is_file():
+                raise InputError(f"{PICKLED_INDEX} in {folder} names a shard {name!r} that is not a file in the folder")
+            files.append(shard)
+    for f in files:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "Detected pickle protocol 4...": the error below says enough
+                torch.load(f, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
+        except Exception as e:  # UnpicklingError, RuntimeError, EOFError...: all refused
+            text = str(e)
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+            refused = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+            why = (f"its pickle calls {found.group(1).rstrip('.,')}" if found
+                   else f"the weights-only unpickler refused it: {refused.group(1).strip()}" if refused
+                   else f"{type(e).__name__}: {one_line(e)}")
+            raise InputError(f"{f.name} in {folder} is not a plain weights file ({why}): refused, lowbit never runs "
+                             "code from a checkpoint (save the weights as safetensors)") from None
+    return {"use_safetensors": False}
+
+
 class _HFExportModule(nn.Module):
     """Base of export wrappers around a Hugging Face model.
 

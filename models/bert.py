@@ -22,7 +22,7 @@ import torch
 
 from lowbit.compiler.core.errors import InputError
 from lowbit.compiler.core.tokenizers import HFTokenizer, Tokenizer
-from lowbit.models.base import MeanPooledEmbedding, ModelAdapter, quiet_transformers
+from lowbit.models.base import MeanPooledEmbedding, ModelAdapter, one_line, quiet_transformers, safe_weights
 
 MODEL_TYPES = frozenset({"bert"})
 
@@ -80,10 +80,13 @@ def load_hf_bert(folder: str | Path, *, tokenizer: Tokenizer | None = None, name
     try:
         with quiet_transformers():
             model = AutoModel.from_pretrained(
-                str(folder), dtype=torch.float32, attn_implementation="eager", local_files_only=True
+                str(folder), dtype=torch.float32, attn_implementation="eager", local_files_only=True,
+                **safe_weights(folder),
             )
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot load a BERT checkpoint from {folder}: {e}") from None
+    except InputError:
+        raise
+    except Exception as e:  # OSError, ValueError, a corrupt safetensors file, mismatched shapes...
+        raise InputError(f"cannot load a BERT checkpoint from {folder}: {one_line(e)}") from None
     if tokenizer is None and any((folder / f).exists() for f in ("tokenizer.json", "vocab.txt")):
         tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
     return BertAdapter(model, name=name or folder.name, tokenizer=tokenizer, source=str(folder))

@@ -24,7 +24,7 @@ import torch
 
 from lowbit.compiler.core.errors import InputError
 from lowbit.compiler.core.tokenizers import HFTokenizer, Tokenizer
-from lowbit.models.base import CausalLMLogits, ModelAdapter, quiet_transformers
+from lowbit.models.base import CausalLMLogits, ModelAdapter, one_line, quiet_transformers, safe_weights
 
 MODEL_TYPES = frozenset({"llama"})
 
@@ -74,10 +74,13 @@ def load_hf_llama(folder: str | Path, *, tokenizer: Tokenizer | None = None, nam
     try:
         with quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(
-                str(folder), dtype=torch.float32, attn_implementation="eager", local_files_only=True
+                str(folder), dtype=torch.float32, attn_implementation="eager", local_files_only=True,
+                **safe_weights(folder),
             )
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot load a Llama checkpoint from {folder}: {e}") from None
+    except InputError:
+        raise
+    except Exception as e:  # OSError, ValueError, a corrupt safetensors file, mismatched shapes...
+        raise InputError(f"cannot load a Llama checkpoint from {folder}: {one_line(e)}") from None
     if tokenizer is None and any((folder / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
         tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
     return LlamaAdapter(model, name=name or folder.name, tokenizer=tokenizer, source=str(folder))

@@ -19,8 +19,15 @@ import onnx_ir as ir
 from lowbit.compiler.core.errors import InputError, OptionError
 from lowbit.compiler.core.options import PassOptions, option
 from lowbit.compiler.core.passbase import LowbitPass
-from lowbit.compiler.core.plan import LayerPlan, Plan, read_plan, write_plan
-from lowbit.passes.recognize import find_linears, is_output_linear
+from lowbit.compiler.core.plan import (
+    LayerPlan,
+    Plan,
+    check_override_globs,
+    parse_override,
+    read_plan,
+    write_plan,
+)
+from lowbit.passes.recognize import find_linears, is_output_linear, layer_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +69,12 @@ class PlanOptions(PassOptions):
             self._check_layer_plan("output_precision", **self._layer_settings(self.output_precision))
         self.normalize("exclude", list(self.exclude or []))
         self.normalize("overrides", list(self.overrides or []))
+        for item in self.overrides:  # each precision as this plan's settings would give it
+            _, precision = parse_override(item)
+            try:
+                LayerPlan(**self._layer_settings(precision))
+            except InputError as e:
+                raise InputError(f"--override {item!r}: {e}") from None
 
     def _layer_settings(self, precision: str) -> dict:
         return {"precision": precision, "activations": self.activations, "weight_algorithm": self.weight_algorithm,
@@ -72,6 +85,35 @@ class PlanOptions(PassOptions):
             LayerPlan(**settings)
         except InputError as e:
             raise OptionError(None, name, getattr(self, name), f"is refused: {e}") from None
+
+
+def planner_layer_names(model: ir.Model) -> set[str] | None:
+    """The layer names a planner may see once the recipe's passes ran up to it, read off the imported model.
+
+    Every linear's name (``find_linears``), with those of MatMuls whose weight is computed from constants only
+    (constant folding makes it one) and of Gemms with such a weight (``canonicalize`` rewrites them into
+    MatMuls named ``<gemm>.matmul`` that keep the Gemm's metadata): a superset, so a glob matching none of
+    them matches no planned layer. None when the model has functions (inlined later, under names not known yet)."""
+    if model.functions:
+        return None
+    graph = model.graph
+    names = {lin.name for lin in find_linears(graph)[0]}
+    constant: set[int] = {id(v) for v in graph.initializers.values() if v.const_value is not None}
+    for node in graph:  # in order (the imported graph is sorted): computed from initializers and constants only
+        if all(v is None or id(v) in constant or v.const_value is not None for v in node.inputs):
+            constant.update(id(v) for v in node.outputs)
+
+    def foldable(value: ir.Value | None) -> bool:
+        return value is not None and (value.const_value is not None or id(value) in constant)
+
+    for node in graph:
+        if node.op_type in ("MatMul", "Gemm") and node.domain in ("", "ai.onnx") and len(node.inputs) > 1 \
+                and foldable(node.inputs[1]):
+            w = node.inputs[1]
+            fallback = f"{node.name}.matmul" if node.op_type == "Gemm" else (
+                node.name or (w.name or "matmul").removesuffix(".weight"))
+            names.add(layer_name(node, fallback))
+    return names
 
 
 class PlanUniformPass(LowbitPass):
@@ -94,6 +136,11 @@ class PlanUniformPass(LowbitPass):
     def ensures(self, model: ir.Model) -> None:
         if read_plan(model) is None:
             raise InputError("plan wrote no plan on the model")
+
+    def check_model(self, model: ir.Model) -> None:
+        """Before any pass runs: every override's glob matches a layer of the imported model."""
+        if self.overrides:
+            check_override_globs(self.overrides, planner_layer_names(model))
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         before = model.metadata_props.get("lowbit.plan")

@@ -503,11 +503,11 @@ class SmoothActivationsPass(LowbitPass):
         calibrated = self.context.results.latest(CalibrateRecord)  # the batches the statistics describe
         n_cal = (calibrated.batches if calibrated else 0) or len(self.context.calibration_batches)
         batches = self.context.calibration_batches[:n_cal]
-        rows = _sample_rows(model, [g.x.name for g in ready], batches, self.max_rows)
+        rows = _sample_rows(model, [g.x.name for g in ready], batches, self.max_rows, show_progress=self.context.progress)
 
         records: dict[str, dict] = {}
         smoothed: list[_Group] = []
-        for g in progress(groups, desc="smoothing", enabled=self.context.progress):
+        for g in progress(groups, desc="smooth: alpha search", unit="layer groups", enabled=self.context.progress):
             if g.fold is None:
                 records[g.key] = {"skipped": g.reason}
                 continue
@@ -614,7 +614,8 @@ class SmoothActivationsPass(LowbitPass):
 
 
 def _sample_rows(
-    model: ir.Model, names: Sequence[str], batches: Sequence[dict[str, np.ndarray]], max_rows: int
+    model: ir.Model, names: Sequence[str], batches: Sequence[dict[str, np.ndarray]], max_rows: int, *,
+    show_progress: bool = True,
 ) -> dict[str, np.ndarray]:
     """Up to ``max_rows`` rows of each named tensor, drawn evenly from every batch (bounded memory)."""
     names = list(dict.fromkeys(names))
@@ -625,7 +626,7 @@ def _sample_rows(
     per_batch = max(1, math.ceil(max_rows / max(len(batches), 1)))
     rng = np.random.default_rng(0)
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for feed in batches:
+    for feed in progress(batches, desc="smooth: sampling inputs", unit="windows", enabled=show_progress):
         outs = session.run(names, {k: v for k, v in feed.items() if k in inputs})
         for name, arr in zip(names, outs):
             flat = arr.reshape(-1, arr.shape[-1])

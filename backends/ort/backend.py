@@ -35,7 +35,7 @@ class ORTBackend(Backend):
         path = save_model(model, folder)
         return Built(None, make_session(path, threads))
 
-    def load(self, folder: str | Path, *, threads: int | None = None):
+    def load(self, folder: str | Path, *, threads: int | None = None, verify: bool = True):
         from lowbit.backends.ort.runtime import Artifact
 
-        return Artifact(folder, threads=threads)
+        return Artifact(folder, threads=threads, verify=verify)

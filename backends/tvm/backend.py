@@ -111,7 +111,7 @@ class TVMBackend(Backend):
                 return Built(info, None, "not measured: the artifact targets CUDA and this machine has no GPU")
         return Built(info, runtime.Session(runtime.TVMModel(folder, meta=info, threads=threads)))
 
-    def load(self, folder: str | Path, *, threads: int | None = None):
+    def load(self, folder: str | Path, *, threads: int | None = None, verify: bool = True):
         from lowbit.backends.tvm.runtime import Artifact
 
-        return Artifact(folder, threads=threads)
+        return Artifact(folder, threads=threads, verify=verify)

@@ -24,6 +24,7 @@ stores, times 8, over the number of weights of every planned linear), ``"60MB"``
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Sequence
 
@@ -54,6 +55,8 @@ def parse_budget(text: str) -> Budget:
         raise InputError(f"--budget {text!r}: expected a number and a unit, e.g. 5.0bits (average bits per linear "
                          "weight) or 60MB (artifact bytes)")
     value, unit = float(m.group(1)), m.group(2).lower()
+    if not math.isfinite(value):
+        raise InputError(f"--budget {text!r}: the number is out of range")
     if unit in ("bit", "bits", "b/w", "bpw"):
         if not 0 < value <= 32:
             raise InputError(f"--budget {text!r}: average bits per weight must be in (0, 32]")
@@ -72,8 +75,8 @@ def parse_latency(text: str) -> float:
         value = float(t[:-1]) / 100 if t.endswith("%") else float(t.removesuffix("x"))
     except ValueError:
         raise InputError(f"--budget-latency {text!r}: expected a fraction of fp32's latency, e.g. 0.5x") from None
-    if value <= 0:
-        raise InputError(f"--budget-latency {text!r}: must be positive")
+    if not value > 0 or not math.isfinite(value):  # NaN fails both
+        raise InputError(f"--budget-latency {text!r}: must be a positive, finite fraction")
     return value
 
 
@@ -84,8 +87,8 @@ def parse_fraction(value: float | str, what: str) -> float:
         out = float(t[:-1]) / 100 if t.endswith("%") else float(t)
     except ValueError:
         raise InputError(f"{what} {value!r}: expected a number or a percentage") from None
-    if out < 0:
-        raise InputError(f"{what} {value!r}: must not be negative")
+    if not out >= 0 or not math.isfinite(out):  # NaN fails both
+        raise InputError(f"{what} {value!r}: must be a finite number, not negative")
     return out
 
 

@@ -86,9 +86,10 @@ from lowbit.compiler.core.irutil import add_initializer, replace_value
 from lowbit.compiler.core.options import PassOptions, option
 from lowbit.compiler.core.ortsession import session_for
 from lowbit.compiler.core.passbase import LowbitPass
-from lowbit.compiler.core.plan import LayerPlan, Plan, write_plan
+from lowbit.compiler.core.plan import LayerPlan, Plan, check_override_globs, parse_override, write_plan
 from lowbit.passes import gptq
 from lowbit.passes.quantize_embeddings import QuantizeEmbeddingsPass
+from lowbit.passes.plan import planner_layer_names
 from lowbit.passes.recognize import find_linears
 
 NOTES_KEY = "plan-mixed"
@@ -158,7 +159,7 @@ class PlanMixedPrecisionPass(LowbitPass):
             self.normalize("exclude", list(self.exclude or []))
             self.normalize("overrides", list(self.overrides or []))
             self.require(self.sensitivity in ("exact", "scaled"), "sensitivity", "must be 'exact' or 'scaled'")
-            self.require(self.max_kl >= 0, "max_kl", "must not be negative")
+            self.require(self.max_kl >= 0 and math.isfinite(self.max_kl), "max_kl", "must be a finite number, not negative")
             self.require(self.samples >= 1, "samples", "must be >= 1")
             parsed = {name: self._parsed(name, parse) for name, parse in (
                 ("budget", allocate.parse_budget), ("budget_latency", allocate.parse_latency),
@@ -180,6 +181,13 @@ class PlanMixedPrecisionPass(LowbitPass):
                                  weight_algorithm_4bit=self.weight_algorithm_4bit, act_order=self.act_order)
             except InputError as e:  # a candidate, or an algorithm of theirs
                 raise OptionError(None, "candidates", self.candidates, f"is refused: {e}") from None
+            for item in self.overrides:  # a precision no layer could take fails now, not after the analysis
+                try:
+                    Candidate.parse(parse_override(item, groups=True)[1]).layer_plan(
+                        weight_algorithm_8bit=self.weight_algorithm_8bit,
+                        weight_algorithm_4bit=self.weight_algorithm_4bit, act_order=self.act_order)
+                except InputError as e:
+                    raise InputError(e.args[0] if str(e).startswith("--override") else f"--override {item!r}: {e}") from None
 
         def _parsed(self, name: str, parse):
             value = getattr(self, name)
@@ -194,6 +202,11 @@ class PlanMixedPrecisionPass(LowbitPass):
         self._latency = allocate.parse_latency(self.budget_latency) if self.budget_latency else None
         self._ppl = allocate.parse_fraction(self.max_ppl_increase, "--max-ppl-increase") if self.max_ppl_increase else None
         self._candidates = parse_candidates(self.candidates)
+
+    def check_model(self, model: ir.Model) -> None:
+        """Before any pass runs: every override's glob matches a layer of the imported model."""
+        if self.overrides:
+            check_override_globs(self.overrides, planner_layer_names(model), groups=True)
 
     # ------------------------------------------------------------------
     def _layer_plan(self, cand: Candidate, reason: str = "") -> LayerPlan:

@@ -156,8 +156,12 @@ class Backend(abc.ABC):
         """Write the artifact's model files for the lowered ``model`` into ``folder``."""
 
     @abc.abstractmethod
-    def load(self, folder: str | Path, *, threads: int | None = None) -> Any:
-        """The runtime artifact of ``folder`` (``generate``, ``run``, ``run_npz``: what ``lowbit run`` uses)."""
+    def load(self, folder: str | Path, *, threads: int | None = None, verify: bool = True) -> Any:
+        """The runtime artifact of ``folder`` (``generate``, ``run``, ``run_npz``: what ``lowbit run`` uses).
+
+        ``verify``: check the files it reads against the sha256 of the manifest's ``files`` table and
+        refuse a missing, changed or unlisted one (``core.artifact.check_files``); ``generate(prompt, *,
+        max_new_tokens, truncate, notify)`` refuses more tokens than the model's context."""
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"

@@ -172,7 +172,7 @@ def observe(
     session = session_for(model, names)
     observers = {n: TensorObserver(n) for n in names}
     feeds_names = {i.name for i in session.get_inputs()}
-    for i, feed in enumerate(progress(batches, desc="calibrating", enabled=show_progress)):
+    for i, feed in enumerate(progress(batches, desc="calibrating", unit="windows", enabled=show_progress)):
         missing = feeds_names - set(feed)
         if missing:
             raise CalibrationError(f"calibration batch {i} lacks inputs {sorted(missing)}")

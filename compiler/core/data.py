@@ -35,16 +35,23 @@ def builtin_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-def read_text(path: str | Path) -> str:
+def read_text(path: str | Path, what: str = "calibration/evaluation data") -> str:
+    """The text of a data file: UTF-8, not empty, not binary (``what`` names it in errors: "--calib-data")."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise InputError(f"calibration/evaluation data {path} does not exist") from None
+        raise InputError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise InputError(f"{what} {path} is a folder, not a text file") from None
     except UnicodeDecodeError:
-        raise InputError(f"calibration/evaluation data {path} is not UTF-8 text") from None
+        raise InputError(f"{what} {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise InputError(f"{what} {path}: cannot read it: {e.strerror or e}") from None
     if not text.strip():
-        raise InputError(f"calibration/evaluation data {path} is empty")
+        raise InputError(f"{what} {path} is empty")
+    if "\x00" in text:
+        raise InputError(f"{what} {path} is not a text file (it holds NUL bytes)")
     return text
 
 
@@ -85,6 +92,8 @@ def split_text(
     evals = windows(eval_tokens, seq_len, eval_samples, bos)
     if not calib:
         raise InputError(f"calibration data {source} has fewer than {seq_len} tokens")
+    if eval_data and not evals:  # the text given to verify on verifies nothing
+        raise InputError(f"evaluation data {eval_data} has fewer than {seq_len} tokens")
     return TextSplit(source, calib, evals, len(tokens))
 
 

@@ -59,7 +59,9 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def output_metrics(ref: Sequence[np.ndarray], q: Sequence[np.ndarray]) -> dict[str, float]:
     cos = np.concatenate([cosine(r, x) for r, x in zip(ref, q)])
-    rel = [np.linalg.norm(x - r) / max(np.linalg.norm(r), 1e-30) for r, x in zip(ref, q)]
+    # in float64: float32 squares of outputs past 1.8e19 overflow, and the error would read NaN
+    rel = [np.linalg.norm(np.subtract(x, r, dtype=np.float64)) / max(np.linalg.norm(np.asarray(r, np.float64)), 1e-30)
+           for r, x in zip(ref, q)]
     return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "relative_error": float(np.mean(rel))}
 
 

@@ -34,7 +34,8 @@ class Manifest:
         lowbit: the lowbit version that compiled it.
         created: ISO 8601 time (UTC) of the compile.
         source: what was compiled (a path, or an ``nn.Module``'s class name).
-        model: ``{"name", "family", "task"}`` from the model adapter.
+        model: ``{"name", "family", "task", "context_length"}`` from the model adapter (the context:
+            the most positions the model takes, None when unknown; not in manifests before it was added).
         backend: the backend's name (``Backend.name``; ``lowbit run`` loads it by this name).
         inputs / outputs: ``{"name", "shape", "dtype"}`` of the compiled graph's inputs and outputs.
         recipe: the recipe resolved (every pass option, defaults included).

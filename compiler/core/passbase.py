@@ -112,6 +112,11 @@ class LowbitPass(ir.passes.InPlacePass):
             setattr(self, f.name, getattr(self.config, f.name))
         self.context = CompileContext()
 
+    def check_model(self, model: ir.Model) -> None:
+        """What this pass can check on the imported model before any pass runs (``Compilation.check_model``:
+        a planner's override globs against the layer names), so a bad input fails in seconds rather than
+        after calibration. Default: nothing."""
+
     @staticmethod
     def result(model: ir.Model, modified: bool, record: PassRecord | None = None) -> LowbitResult:
         return LowbitResult(model, modified, record)

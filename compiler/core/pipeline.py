@@ -7,7 +7,9 @@ inside a pass (as in TVM's ``PassInstrument``):
   (the manifest's per-pass log);
 * ``Verify``: the ONNX checker and strict shape inference after each pass
   that modified the graph, so a pass that breaks the graph is named;
-* ``DumpIR``: ``NNN_<PassName>.onnx`` plus a text form after every pass.
+* ``DumpIR``: ``NNN_<PassName>.onnx`` plus a text form after every pass;
+* ``ShowProgress``: which pass runs, ``pass 3/10 rotate`` (``core.progress``: a bar on
+  a terminal, a line in logs).
 
 ``run_pipeline`` turns any failure into a ``PassFailedError`` naming the pass
 and the passes that ran before it (a failed ``requires`` says what is missing
@@ -27,6 +29,7 @@ import onnx_ir as ir
 
 from lowbit.compiler.core.errors import LowbitError, PassFailedError
 from lowbit.compiler.core.passbase import CompileContext, LowbitPass
+from lowbit.compiler.core.progress import Step, step
 from lowbit.compiler.core.results import FreeformRecord
 
 logger = logging.getLogger("lowbit")
@@ -113,6 +116,28 @@ class DumpIR(Instrument):
 
     def after(self, index, pass_, model, modified, seconds):
         self.dump(self.start + index + 1, pass_name(pass_), model)
+
+
+class ShowProgress(Instrument):
+    """``pass i/n NAME`` while each pass runs (``core.progress.step``); ``close()`` ends a pass that failed."""
+
+    def __init__(self, total: int, *, enabled: bool = True) -> None:
+        self.total = total
+        self.enabled = enabled
+        self._open: Step | None = None
+
+    def before(self, index, pass_, model):
+        self.close(ok=False)
+        label = getattr(pass_, "name", "") or pass_name(pass_)
+        self._open = step(f"pass {index + 1}/{self.total} {label}", enabled=self.enabled).begin()
+
+    def after(self, index, pass_, model, modified, seconds):
+        self.close()
+
+    def close(self, ok: bool = True) -> None:
+        if self._open is not None:
+            self._open.end(ok)
+            self._open = None
 
 
 def run_pipeline(

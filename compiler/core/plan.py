@@ -158,16 +158,44 @@ class Plan:
     def apply_overrides(self, overrides: list[str]) -> None:
         """Apply ``"GLOB=precision"`` overrides (``model.layers.*.mlp.down_proj=fp32``)."""
         for item in overrides:
-            pattern, sep, precision = item.partition("=")
-            if not sep:
-                raise InputError(f"--override {item!r}: expected LAYER_GLOB=PRECISION")
-            hits = [name for name in self.layers if fnmatch.fnmatchcase(name, pattern.strip())]
+            pattern, precision = parse_override(item)
+            hits = [name for name in self.layers if fnmatch.fnmatchcase(name, pattern)]
             if not hits:
-                raise InputError(f"--override {item!r}: no layer matches {pattern.strip()!r}")
+                raise InputError(f"--override {item!r}: no layer matches {pattern!r}")
             for name in hits:
                 self.layers[name] = dataclasses.replace(
-                    self.layers[name], precision=precision.strip(), reason=f"override {item}"
+                    self.layers[name], precision=precision, reason=f"override {item}"
                 )
+
+
+def parse_override(item: Any, *, groups: bool = False) -> tuple[str, str]:
+    """``"GLOB=PRECISION"`` -> ``(glob, precision)``, refusing what no layer could take: no ``=``, an empty glob,
+    an unknown precision (``w3a8``). ``groups``: PRECISION may end in ``-gGROUP`` (the mixed planner's
+    candidates), returned as written."""
+    if not isinstance(item, str):
+        raise InputError(f"--override {item!r}: expected a string LAYER_GLOB=PRECISION")
+    pattern, sep, precision = item.partition("=")
+    pattern, precision = pattern.strip(), precision.strip()
+    if not sep or not pattern:
+        raise InputError(f"--override {item!r}: expected LAYER_GLOB=PRECISION, e.g. 'model.layers.*.mlp.down_proj=fp32'")
+    base = precision.partition("-g")[0] if groups else precision
+    if base not in PRECISIONS:
+        group = ", each optionally with -gGROUP" if groups else ""
+        raise InputError(f"--override {item!r}: unknown precision {precision!r} (known: {', '.join(PRECISIONS)}{group})")
+    return pattern, precision
+
+
+def check_override_globs(overrides: list[str], names: set[str] | None, *, groups: bool = False) -> None:
+    """Raise an ``InputError`` for the first override whose glob matches none of ``names`` (the layer
+    names a planner will see; None: not known, nothing checked)."""
+    if names is None:
+        return
+    for item in overrides:
+        pattern, _ = parse_override(item, groups=groups)
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            some = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+            raise InputError(f"--override {item!r}: no layer matches {pattern!r}"
+                             + (f" (the model's {len(names)} layers: {some})" if names else " (the model has no layers)"))
 
 
 def read_plan(model: ir.Model) -> Plan | None:

@@ -50,6 +50,8 @@ DEFAULT_CALIBRATION = {"samples": 32, "seq_len": 128}
 DEFAULT_EVALUATION = {"samples": 16, "seq_len": 128}
 #: the keys of [calibration] / [evaluation] and their types
 DATA_KEYS = {"samples": int, "seq_len": int}
+#: their smallest values (a window of a language model holds BOS and at least one token)
+DATA_MINIMUM = {"samples": 1, "seq_len": 2}
 # (pass, option) -> (pass, option) it takes its value from when the recipe does not set it
 LINKED_OPTIONS = {("rotate", "learn_group_size"): ("plan", "group_size")}
 
@@ -74,9 +76,18 @@ class Recipe:
 
         The options the recipe gives are checked first, every pass's, so an error names
         the option a user set rather than one linked to it (``LINKED_OPTIONS``)."""
+        for i, p in enumerate(self.passes):
+            self._resolve(i, p)
         for p in self.passes:
             check_pass_options(p.name, p.options)
         return [instantiate(p.name, self.options(p)) for p in self.passes]
+
+    def _resolve(self, index: int, spec: PassSpec) -> type:
+        """The class of entry ``index``; a pass that cannot be found or imported names the recipe entry."""
+        try:
+            return resolve_pass(spec.name)
+        except InputError as e:
+            raise InputError(f"recipe {self.source or self.name}, [[passes]] entry {index + 1} ({spec.name!r}): {e}") from e
 
     def options(self, spec: PassSpec) -> dict[str, Any]:
         """``spec``'s options as given, with the ``LINKED_OPTIONS`` it leaves out filled in."""
@@ -123,11 +134,16 @@ class Recipe:
 
 def check_data_section(section: str, values: dict[str, Any], where: str) -> None:
     """Raise an ``InputError`` naming section, key and value for a ``[calibration]`` / ``[evaluation]``
-    value of the wrong type (``samples = "lots"``)."""
+    key that does not exist (``sampels``), a value of the wrong type (``samples = "lots"``) or below its
+    minimum (``samples = 0``: a compile needs a sample to calibrate and one to verify on)."""
     for key, value in values.items():
         kind = DATA_KEYS.get(key)
+        if kind is None:
+            raise InputError(f"{where}: [{section}] has no key {key!r} (keys: {', '.join(DATA_KEYS)})")
         if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
             raise InputError(f"{where}: [{section}] {key} = {value!r} is not an int")
+        if value < DATA_MINIMUM[key]:
+            raise InputError(f"{where}: [{section}] {key} = {value!r} must be at least {DATA_MINIMUM[key]}")
 
 
 def builtin_recipes() -> dict[str, Path]:
@@ -146,30 +162,38 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
             f"no recipe {str(name_or_path)!r}: not a built-in ({', '.join(sorted(builtins))}) and not a file"
         )
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"recipe {path}: not valid TOML: {e}") from e
+    except OSError as e:
+        raise InputError(f"recipe {path}: cannot read it: {e.strerror or e}") from e
     return parse_recipe(data, source=str(path))
 
 
 def parse_recipe(data: dict[str, Any], *, source: str = "") -> Recipe:
+    where = source or str(data.get("name", "?"))
     entries = data.get("passes")
     if not isinstance(entries, list) or not entries:
-        raise InputError(f"recipe {source or data.get('name', '?')}: needs a non-empty [[passes]] list")
+        raise InputError(f"recipe {where}: needs a non-empty [[passes]] list")
     passes = []
-    for i, entry in enumerate(entries):
+    for i, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict):
+            raise InputError(f"recipe {where}: [[passes]] entry {i} is {entry!r}, not a table (pass = \"NAME\" ...)")
         entry = dict(entry)
         name = entry.pop("pass", None)
-        if not isinstance(name, str):
-            raise InputError(f"recipe {source}: [[passes]] entry {i} has no 'pass' name")
+        if not isinstance(name, str) or not name.strip():
+            raise InputError(f"recipe {where}: [[passes]] entry {i} has no 'pass' name")
         passes.append(PassSpec(name, entry))
+    for key in ("name", "description"):
+        if key in data and not isinstance(data[key], str):
+            raise InputError(f"recipe {where}: {key} = {data[key]!r} is not a string")
     unknown = set(data) - {"name", "description", "passes", "calibration", "evaluation"}
     if unknown:
-        raise InputError(f"recipe {source}: unknown top-level keys {sorted(unknown)}")
+        raise InputError(f"recipe {where}: unknown top-level keys {sorted(unknown)}")
     for section in ("calibration", "evaluation"):
         if not isinstance(data.get(section, {}), dict):
-            raise InputError(f"recipe {source or data.get('name', '?')}: [{section}] must be a table")
-        check_data_section(section, data.get(section, {}), f"recipe {source or data.get('name', '?')}")
+            raise InputError(f"recipe {where}: [{section}] must be a table")
+        check_data_section(section, data.get(section, {}), f"recipe {where}")
     return Recipe(
         name=data.get("name", Path(source).stem if source else "custom"),
         description=data.get("description", ""),

@@ -69,20 +69,39 @@ def resolve_pass(spec: str) -> type:
         return _REGISTRY[spec]
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
+        if not module_name or module_name.startswith(".") or not attr:
+            raise InputError(f"cannot import pass {spec!r}: expected an absolute dotted path 'package.module:Class'")
         try:
-            obj = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as e:
-            raise InputError(f"cannot import pass {spec!r}: {e}") from e
+            module = importlib.import_module(module_name)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # not found, or the plugin's own code raised (or exited) while importing
+            missing = isinstance(e, ModuleNotFoundError) and e.name is not None and (
+                module_name == e.name or module_name.startswith(e.name + "."))
+            if missing:
+                raise InputError(f"cannot import pass {spec!r}: no module named {e.name!r}") from e
+            raise InputError(f"importing {module_name} failed: {type(e).__name__}: {_first_line(e)}") from e
+        try:
+            obj = getattr(module, attr)
+        except AttributeError:
+            raise InputError(f"cannot import pass {spec!r}: module {module_name} has no attribute {attr!r}") from None
         return _check_pass_class(obj, spec)
     eps = _entry_points()
     if spec in eps:
         try:
             obj = eps[spec].load()
         except Exception as e:  # a broken plugin must not look like a typo
-            raise InputError(f"entry point {spec!r} ({eps[spec].value}) failed to load: {e}") from e
+            raise InputError(f"entry point {spec!r} ({eps[spec].value}) failed to load: "
+                             f"{type(e).__name__}: {_first_line(e)}") from e
         return _check_pass_class(obj, spec)
     known = ", ".join(sorted(set(_REGISTRY) | set(eps)))
     raise InputError(f"unknown pass {spec!r} (known: {known}; or give a dotted path 'package.module:Class')")
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception's message on one line (a plugin's error may span several)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 def _check_pass_class(obj: Any, spec: str) -> type:
@@ -165,4 +184,6 @@ def instantiate(spec: str, options: dict[str, Any]) -> ir.passes.PassBase:
     except InputError:
         raise
     except (TypeError, ValueError) as e:
-        raise InputError(f"pass {spec!r}: bad options: {e}") from e
+        raise InputError(f"pass {spec!r}: bad options: {_first_line(e)}") from e
+    except Exception as e:  # a third-party pass whose constructor raised something else
+        raise InputError(f"pass {spec!r}: creating it failed: {type(e).__name__}: {_first_line(e)}") from e

@@ -255,6 +255,9 @@ def load_tokenizer(path: str | Path, *, vocab_size: int | None = None) -> Tokeni
         return SentencePieceTokenizer(path)
     if path.suffix == ".bin":
         return Llama2cTokenizer(path, vocab_size)
+    if path.is_file() and path.suffix != ".json":  # else the folder around it would be read as a tokenizer
+        raise InputError(f"not a tokenizer file: {path} (expected a SentencePiece .model, a llama2.c .bin, "
+                         "a tokenizer.json or a Hugging Face tokenizer folder)")
     from transformers import AutoTokenizer
 
     folder = path if path.is_dir() else path.parent

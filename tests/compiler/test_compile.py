@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
+import sys
 import textwrap
+import time
 
 import numpy as np
 import onnx_ir as ir
@@ -59,7 +63,10 @@ def test_stories_w8a8_keeps_accuracy_and_generation(artifact):
     assert m["size"]["ratio"] < 0.5
     assert set(m["latency"]) >= {"T=1", "T=128"}
     assert verify_files(artifact) == []
-    assert "greedy generation: 32/32 tokens match fp32" in (artifact / "summary.txt").read_text()
+    assert "greedy text after 'Once upon a time': the same 32 tokens as fp32" in (artifact / "summary.txt").read_text()
+    gen = acc["generation"]
+    assert gen["prompt"] == "Once upon a time" and gen["prompt_tokens"][0] == 1 and len(gen["prompt_tokens"]) > 1
+    assert gen["fp32_text"] == gen["text"] and "there was a little girl named Lily" in gen["text"]  # the prompt continued
 
 
 def test_manifest_layer_table_joins_what_each_pass_recorded(artifact):
@@ -141,7 +148,8 @@ def test_custom_passes_from_a_recipe_file(stories, tinystories, tmp_path, monkey
 
 def _error(capsys, argv):
     code = main(argv)
-    err = capsys.readouterr().err.strip()
+    err = capsys.readouterr().err
+    err = "\n".join(line for line in err.splitlines() if not line.startswith("[lowbit] ")).strip()  # progress aside
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("lowbit: error: ")
     return err
@@ -277,3 +285,48 @@ def test_artifact_owns_weights_of_an_external_data_source(tmp_path):
     (src / "mlp.onnx.data").unlink()
     session = ort.InferenceSession(str(result.path / "model.onnx"), providers=["CPUExecutionProvider"])
     assert session.run(None, {"x": np.ones((1, 2, 8), np.float32)})[0].shape == (1, 2, 8)
+
+
+class _StampedStderr(io.TextIOBase):
+    """A stderr that is no terminal and records when each line arrived."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[float, str]] = []
+        self._part = ""
+
+    def write(self, text: str) -> int:
+        self._part += text
+        while "\n" in self._part:
+            line, self._part = self._part.split("\n", 1)
+            self.lines.append((time.monotonic(), line))
+        return len(text)
+
+    def isatty(self) -> bool:
+        return False
+
+
+def test_progress_lines_name_every_step_and_pass_when_stderr_is_no_terminal(stories, tinystories, tmp_path, monkeypatch):
+    from lowbit.compiler.core.recipe import load_recipe
+
+    err = _StampedStderr()
+    monkeypatch.setattr(sys, "stderr", err)
+    start = time.monotonic()
+    assert main(["compile", str(stories), "-o", str(tmp_path / "out"), "--calib-data", str(tinystories), "--no-latency"]) == 0
+    lines = [(t, line[len("[lowbit] "):]) for t, line in err.lines if line.startswith("[lowbit] ")]
+    text = [line for _, line in lines]
+    assert lines[0][0] - start < 5 and text[0].startswith(f"compile {stories} into ")  # before anything slow
+    names = [p.name for p in load_recipe("w8a8").passes]
+    started = [line for line in text if re.fullmatch(r"pass \d+/\d+ \S+", line)]
+    assert started == [f"pass {i}/{len(names)} {name}" for i, name in enumerate(names, 1)]
+    # the first line came before the first pass finished (the second began), and the steps around the passes show
+    assert text.index(f"pass 2/{len(names)} {names[1]}") > 0
+    order = [next(i for i, line in enumerate(text) if line.startswith(prefix))
+             for prefix in ("compile ", "recipe w8a8", f"load {stories}", "data: ", "pass 1/", "build: ", "verify: greedy text")]
+    assert order == sorted(order)
+    assert all(not line.startswith(("\r", "Converting")) for _, line in err.lines)  # no third-party bars in a log
+
+
+def test_quiet_compile_prints_no_progress(mlp_onnx, tmp_path, capsys):
+    assert main(["-q", "compile", str(mlp_onnx), "-o", str(tmp_path / "out"), "--no-latency"]) == 0
+    captured = capsys.readouterr()
+    assert "[lowbit]" not in captured.err and "[lowbit]" not in captured.out

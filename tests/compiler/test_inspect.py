@@ -85,3 +85,13 @@ def test_inspect_errors_runs_explain(artifact, monkeypatch, capsys):
     assert main(["inspect", str(artifact), "--errors", "--samples", "4", "--candidates", "5"]) == 0
     assert seen["path"] == str(artifact) and seen["samples"] == 4 and seen["candidates"] == 5
     assert "pass-by-pass bisect" in capsys.readouterr().out
+
+
+def test_inspect_shows_fp32_and_artifact_greedy_texts(artifact, capsys):
+    gen = json.loads((artifact / "manifest.json").read_text())["accuracy"]["generation"]
+    assert main(["inspect", str(artifact)]) == 0
+    out = capsys.readouterr().out
+    assert "greedy text after 'Once upon a time'" in out and "tokens as fp32" in out
+    assert "fp32's text" in out and "artifact's text" in out
+    words = " ".join(out.split())  # the table may wrap a text over lines
+    assert " ".join(gen["fp32_text"].split()[:6]) in words and " ".join(gen["text"].split()[:6]) in words

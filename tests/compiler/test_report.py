@@ -84,3 +84,27 @@ def test_report_opens_in_headless_chromium_and_shows_plots(report, tmp_path):
     # the plot colours are on screen, not only text: matplotlib's default blue and orange lines/bars
     blue = (np.abs(img - np.array([0.12, 0.47, 0.71])) < 0.06).all(axis=-1).mean()
     assert blue > 0.001, blue
+
+
+def test_report_runs_explain_only_when_asked(artifact, tmp_path, monkeypatch, capsys):
+    import lowbit.compiler.cli as cli
+    import lowbit.compiler.explain as explain_mod
+
+    calls = []
+    monkeypatch.setattr(explain_mod, "load_explain", lambda folder: None)  # as if explain never ran
+    monkeypatch.setattr(cli, "_run_explain", lambda args: calls.append(args) or None)
+    assert main(["report", str(artifact), "-o", str(tmp_path / "a.html")]) == 0
+    err = capsys.readouterr().err
+    assert calls == [] and "add --explain" in err and "roughly" in err  # says what it would cost
+    assert "run <code>lowbit explain</code>" in (tmp_path / "a.html").read_text()
+    assert main(["report", str(artifact), "-o", str(tmp_path / "b.html"), "--explain"]) == 0
+    err = capsys.readouterr().err
+    assert len(calls) == 1 and "running 'lowbit explain' first" in err and "roughly" in err
+    assert main(["-q", "report", str(artifact), "-o", str(tmp_path / "c.html")]) == 0
+    assert capsys.readouterr().err == "" and len(calls) == 1
+
+
+def test_report_shows_both_greedy_texts(artifact, tmp_path):
+    text = write_report(artifact, tmp_path / "g.html").read_text()
+    assert "greedy text after &#x27;Once upon a time&#x27;" in text and "tokens as fp32" in text
+    assert "fp32&#x27;s text" in text and "artifact&#x27;s text" in text
