@@ -19,6 +19,7 @@ from lowbit.compiler.cli import main  # noqa: E402
 from lowbit.compiler.core.artifact import IntegrityError  # noqa: E402
 from lowbit.compiler.core.errors import InputError  # noqa: E402
 from tests.backends.tvm_support import exported_once  # noqa: E402
+from tests.cli_support import cli_error
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +40,6 @@ def art(tvm_art, tmp_path):
     return shutil.copytree(tvm_art, tmp_path / "art")
 
 
-def _error(capsys, argv):
-    code = main(argv)
-    captured = capsys.readouterr()
-    err = captured.err.strip()
-    assert code == 2 and captured.out == "", captured
-    assert len(err.splitlines()) == 1 and err.startswith("lowbit: error: "), err
-    return err
-
-
 PROMPT = ["--prompt", "Once upon a time", "--max-new-tokens", "8"]
 
 
@@ -56,7 +48,7 @@ def test_changed_params_are_refused_and_no_verify_loads_them(art, capsys):
     data = bytearray(params.read_bytes())
     data[len(data) // 2] ^= 0x01
     params.write_bytes(bytes(data))
-    err = _error(capsys, ["run", str(art), *PROMPT])
+    err = cli_error(capsys, ["run", str(art), *PROMPT])
     assert err == (f"lowbit: error: {params} does not match its sha256 in manifest.json: the file changed after "
                    "the compile (--no-verify skips this check)")
     with pytest.raises(IntegrityError, match="params.bin does not match"):
@@ -68,10 +60,10 @@ def test_changed_params_are_refused_and_no_verify_loads_them(art, capsys):
 
 def test_missing_library_and_unlisted_tokenizer_file_are_refused(art, capsys):
     (art / "tokenizer" / "tokenizer.json").write_text("{}")  # a file the tokenizer loader might prefer
-    assert "tokenizer.json is not listed in manifest.json" in _error(capsys, ["run", str(art), *PROMPT])
+    assert "tokenizer.json is not listed in manifest.json" in cli_error(capsys, ["run", str(art), *PROMPT])
     (art / "tokenizer" / "tokenizer.json").unlink()
     (art / "lib.so").unlink()
-    err = _error(capsys, ["run", str(art), *PROMPT])
+    err = cli_error(capsys, ["run", str(art), *PROMPT])
     assert err.endswith(f"{art / 'lib.so'} is missing (manifest.json lists it) (--no-verify skips this check)")
     m = json.loads((art / "manifest.json").read_text())
     del m["files"]["params.bin"]
@@ -84,7 +76,7 @@ def test_context_is_enforced_for_prompts_and_inputs(tvm_art, shared_dir, capsys)
     m = json.loads((tvm_art / "manifest.json").read_text())
     assert m["model"]["context_length"] == 512
     prompt = (shared_dir.parent / "data" / "tinystories.txt").read_text()[:12000]
-    assert "exceeds the model's context of 512 tokens" in _error(capsys, ["run", str(tvm_art), "--prompt", prompt])
+    assert "exceeds the model's context of 512 tokens" in cli_error(capsys, ["run", str(tvm_art), "--prompt", prompt])
     assert main(["run", str(tvm_art), "--prompt", prompt, "--truncate", "--max-new-tokens", "4"]) == 0
     out, err = capsys.readouterr()
     assert err.startswith("lowbit: note: prompt truncated to its last 507 of ") and out.strip()

@@ -21,6 +21,7 @@ import pytest
 import lowbit
 from lowbit.compiler.cli import main
 from lowbit.compiler.core.errors import InputError
+from tests.cli_support import cli_error
 from tests.compiler.core.test_artifact import HOLD_LOCK, dead_pid
 from tests.compiler.stories_w8a8 import compiled
 from tests.graphs import mlp
@@ -35,16 +36,6 @@ def built(shared_dir, tmp_path_factory):
 def art(built, tmp_path):
     """A copy of the stories260K artifact, this test's to damage."""
     return shutil.copytree(built, tmp_path / "art")
-
-
-def _error(capsys, argv):
-    code = main(argv)
-    captured = capsys.readouterr()
-    err = captured.err.strip()
-    assert code == 2, captured
-    assert len(err.splitlines()) == 1 and err.startswith("lowbit: error: "), err
-    assert captured.out == ""
-    return err
 
 
 def _flip_a_weight_byte(model_path):
@@ -64,7 +55,7 @@ def test_run_refuses_a_changed_byte_of_model_onnx_and_no_verify_runs_it(art, cap
     assert main(["run", str(art), *PROMPT]) == 0
     capsys.readouterr()
     _flip_a_weight_byte(art / "model.onnx")
-    err = _error(capsys, ["run", str(art), *PROMPT])
+    err = cli_error(capsys, ["run", str(art), *PROMPT])
     assert err == (f"lowbit: error: {art / 'model.onnx'} does not match its sha256 in manifest.json: the file "
                    "changed after the compile (--no-verify skips this check)")
     assert main(["run", str(art), *PROMPT, "--no-verify"]) == 0
@@ -73,11 +64,11 @@ def test_run_refuses_a_changed_byte_of_model_onnx_and_no_verify_runs_it(art, cap
 
 def test_run_refuses_a_missing_file(art, capsys):
     (art / "tokenizer" / "tokenizer.model").unlink()
-    err = _error(capsys, ["run", str(art), *PROMPT])
+    err = cli_error(capsys, ["run", str(art), *PROMPT])
     assert err.endswith(f"{art / 'tokenizer' / 'tokenizer.model'} is missing (manifest.json lists it) "
                         "(--no-verify skips this check)")
     (art / "model.onnx").unlink()
-    assert "model.onnx is missing (manifest.json lists it) (and 1 more)" in _error(capsys, ["run", str(art), *PROMPT])
+    assert "model.onnx is missing (manifest.json lists it) (and 1 more)" in cli_error(capsys, ["run", str(art), *PROMPT])
 
 
 def test_inspect_warns_about_a_changed_file_and_says_what_it_verified(art, capsys):
@@ -113,14 +104,14 @@ def test_a_prompt_longer_than_the_context_is_refused_or_truncated(art, shared_di
     n = len(load_tokenizer(art / "tokenizer").encode(prompt))
     assert n > 512
     start = time.perf_counter()
-    err = _error(capsys, ["run", str(art), "--prompt", prompt])
+    err = cli_error(capsys, ["run", str(art), "--prompt", prompt])
     assert err == (f"lowbit: error: the prompt is {n} tokens (plus BOS) and 32 new tokens are asked for: {n + 33} "
                    "exceeds the model's context of 512 tokens (shorten the prompt, lower --max-new-tokens, or "
                    "--truncate to keep its last 479 tokens)")
     assert time.perf_counter() - start < 10  # refused before generating
     # prompt plus new tokens: 500 prompt tokens fit alone, not with 32 more
     words = load_tokenizer(art / "tokenizer").decode(load_tokenizer(art / "tokenizer").encode(prompt)[:500])
-    assert "exceeds the model's context of 512 tokens" in _error(capsys, ["run", str(art), "--prompt", words])
+    assert "exceeds the model's context of 512 tokens" in cli_error(capsys, ["run", str(art), "--prompt", words])
     assert main(["run", str(art), "--prompt", words, "--max-new-tokens", "4"]) == 0
     capsys.readouterr()
     assert main(["run", str(art), "--prompt", prompt, "--truncate", "--max-new-tokens", "8"]) == 0
@@ -128,7 +119,7 @@ def test_a_prompt_longer_than_the_context_is_refused_or_truncated(art, shared_di
     assert err == (f"lowbit: note: prompt truncated to its last 503 of {n} tokens to fit the model's context of 512 "
                    "tokens with 8 new tokens\n")
     assert not out.startswith(prompt[:40]) and out.strip()  # the head was cut
-    assert "leave no room" in _error(capsys, ["run", str(art), "--prompt", "hi", "--max-new-tokens", "600"])
+    assert "leave no room" in cli_error(capsys, ["run", str(art), "--prompt", "hi", "--max-new-tokens", "600"])
 
 
 def test_inputs_longer_than_the_context_are_refused(art, tmp_path, capsys):
@@ -138,9 +129,9 @@ def test_inputs_longer_than_the_context_are_refused(art, tmp_path, capsys):
     np.savez(tmp_path / "long.npz", input_ids=np.ones((1, 513), np.int64))
     assert main(["run", str(art), "--inputs", str(tmp_path / "ok.npz")]) == 0
     capsys.readouterr()
-    err = _error(capsys, ["run", str(art), "--inputs", str(tmp_path / "long.npz")])
+    err = cli_error(capsys, ["run", str(art), "--inputs", str(tmp_path / "long.npz")])
     assert err == "lowbit: error: input 'input_ids' has 513 positions; the model's context is 512 tokens"
-    err = _error(capsys, ["run", str(art), "--inputs", str(tmp_path / "long.npz"), "--truncate"])
+    err = cli_error(capsys, ["run", str(art), "--inputs", str(tmp_path / "long.npz"), "--truncate"])
     assert err == "lowbit: error: --truncate applies to --prompt (an --inputs array longer than the context is refused)"
 
 
@@ -165,7 +156,7 @@ def test_existing_output_without_overwrite_fails_before_any_work_and_is_left_unt
                                                                                        capsys, no_load):
     before = _digest(art)
     dump = tmp_path / "dump"
-    err = _error(capsys, ["-q", "compile", str(shared_dir / "stories260K" / "stories260K.bin"), "-o", str(art),
+    err = cli_error(capsys, ["-q", "compile", str(shared_dir / "stories260K" / "stories260K.bin"), "-o", str(art),
                           "--dump-ir", str(dump), "--no-latency"])
     assert err == f"lowbit: error: output {art} already exists; use --overwrite (overwrite=True) to replace it"
     assert not dump.exists() and _digest(art) == before
@@ -179,7 +170,7 @@ def test_a_second_compile_into_a_locked_output_fails_at_once_naming_the_first(sh
     try:
         assert holder.stdout.readline().strip() == "locked"
         start = time.perf_counter()
-        err = _error(capsys, ["-q", "compile", str(shared_dir / "stories260K" / "stories260K.bin"), "-o", str(out),
+        err = cli_error(capsys, ["-q", "compile", str(shared_dir / "stories260K" / "stories260K.bin"), "-o", str(out),
                               "--overwrite"])
         assert time.perf_counter() - start < 2
         assert err == (f"lowbit: error: output {out} is being written by another compile (pid {holder.pid}; lock "

@@ -18,6 +18,7 @@ import lowbit
 from lowbit.compiler.cli import main
 from lowbit.compiler.core.artifact import verify_files
 from lowbit.compiler.core.evaluate import greedy
+from tests.cli_support import cli_error
 from tests.compiler.core.test_registry import install_entry_point
 from tests.graphs import mlp
 
@@ -147,12 +148,7 @@ def test_custom_passes_from_a_recipe_file(stories, tinystories, tmp_path, monkey
 
 
 def _error(capsys, argv):
-    code = main(argv)
-    err = capsys.readouterr().err
-    err = "\n".join(line for line in err.splitlines() if not line.startswith("[lowbit] ")).strip()  # progress aside
-    assert code == 2
-    assert len(err.splitlines()) == 1 and err.startswith("lowbit: error: ")
-    return err
+    return cli_error(capsys, argv, stdout_empty=False)
 
 
 def test_a_pass_that_breaks_the_graph_fails_the_compile(stories, tmp_path, capsys):
